@@ -1,0 +1,138 @@
+"""The full set of config keys with the official ViT-B/16 SiameseIM values, and its validation.
+
+Recipes in `configs/` start from `base_config()` and override what differs; every key that any recipe or
+`--config.key=value` override may set exists here, so a misspelt key fails loudly (the config is locked).
+"""
+
+import ml_collections
+
+# Encoder sizes: (width, depth, heads, patch size).
+VIT_VARIANTS = {
+    "mu": (64, 2, 2, 8),  # test-sized
+    "demo": (128, 4, 4, 8),  # configs/demo.py on CPU
+    "Ti": (192, 12, 3, 16),
+    "S": (384, 12, 6, 16),
+    "B": (768, 12, 12, 16),
+    "L": (1024, 24, 16, 16),
+    "H": (1280, 32, 16, 14),
+}
+
+DEFAULT_LOGICAL_AXIS_RULES = (
+    # (logical axis, mesh axes); pure FSDP on the embedding axis, tensor parallelism on MLP/heads.
+    ("batch", ("data", "fsdp")),
+    ("embed", "fsdp"),
+    ("mlp", "tensor"),
+    ("heads", "tensor"),
+)
+
+
+class ConfigError(ValueError):
+    """A config value that cannot work; the message names the key and how to fix it."""
+
+
+def base_config() -> ml_collections.ConfigDict:
+    """Official SiameseIM ViT-B/16, 1600 epochs, global batch 4096 (SPEC sections 1-4)."""
+    c = ml_collections.ConfigDict()
+    c.seed = 0
+    c.batch_size = 4096  # global, per optimiser step (accumulated micro-batches included)
+    c.grad_accum_steps = 1
+    c.epochs = 1600
+    c.warmup_epochs = 40
+    c.total_steps = 0  # > 0: overrides the epoch-based length
+    c.warmup_steps = -1  # >= 0: overrides warmup_epochs
+    c.log_every_steps = 50
+    c.checkpoint_every_steps = 1000
+    c.eval_every_steps = 5000  # k-NN monitor; 0 disables it
+    c.keep_checkpoints = 3
+
+    c.model = ml_collections.ConfigDict()
+    c.model.loss_type = "siamese"  # or "mae"
+    c.model.variant = "B"  # key of VIT_VARIANTS
+    c.model.image_size = 224
+    c.model.decoder_width = 768
+    c.model.decoder_heads = 16
+    c.model.projector_depth = 2
+    c.model.predictor_depth = 4
+    c.model.mlp_ratio = 4.0
+    c.model.use_proj_ln = False  # LayerNorm instead of BatchNorm in projector blocks
+    c.model.use_pred_ln = False  # LayerNorm instead of BatchNorm in predictor blocks
+    c.model.online_ln = False  # frozen non-affine LayerNorm on the predictions
+    c.model.train_patch_embed = False
+    c.model.init_values = 0.0  # layer scale; 0 = off
+    c.model.drop_path = 0.0
+    c.model.dtype = "bfloat16"  # compute dtype; parameters and optimiser state stay float32
+    # MAE baseline (loss_type="mae"), SPEC section 3.
+    c.model.mae_mask_ratio = 0.75
+    c.model.mae_decoder_width = 512
+    c.model.mae_decoder_depth = 8
+    c.model.mae_decoder_heads = 16
+    c.model.norm_pix_loss = True
+
+    c.loss = ml_collections.ConfigDict()
+    c.loss.neg_weight = 0.02
+
+    c.optim = ml_collections.ConfigDict()
+    c.optim.blr = 6.25e-5  # lr = blr * batch_size / 256
+    c.optim.min_lr = 0.0
+    c.optim.b1 = 0.9
+    c.optim.b2 = 0.95
+    c.optim.weight_decay = 0.05
+    c.optim.clip_norm = 1.0  # global norm; 0 disables clipping
+
+    c.ema = ml_collections.ConfigDict()
+    c.ema.base_momentum = 0.995
+
+    c.data = ml_collections.ConfigDict()
+    c.data.source = "builtin"
+    c.data.num_train = 1281167  # examples per epoch (builtin: how many images to generate)
+    c.data.num_classes = 10  # builtin generator classes
+    c.data.raw_size = 96  # builtin image side before cropping
+    c.data.crop_min = 0.08
+    c.data.num_masked = 118  # of (image_size / patch)^2 patches; exact for every image
+    c.data.threads = 2
+
+    c.knn = ml_collections.ConfigDict()
+    c.knn.k = 20
+    c.knn.temperature = 0.07
+    c.knn.num_bank = 2048  # builtin training images used as the k-NN memory bank
+    c.knn.num_query = 512  # held-out builtin images
+    c.knn.batch_size = 256
+
+    c.mesh = ml_collections.ConfigDict()
+    c.mesh.data = -1  # -1: all devices not used by the other axes
+    c.mesh.fsdp = 1
+    c.mesh.tensor = 1
+    c.mesh.logical_axis_rules = DEFAULT_LOGICAL_AXIS_RULES
+    return c
+
+
+def lock(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """Locks a recipe so that overriding a key it lacks is an error naming the key."""
+    c.lock()
+    return c
+
+
+def validate(c: ml_collections.ConfigDict) -> None:
+    """Raises ConfigError naming the first inconsistent value and how to fix it."""
+    m = c.model
+    if m.variant not in VIT_VARIANTS:
+        raise ConfigError(f"config.model.variant={m.variant!r}: choose one of {sorted(VIT_VARIANTS)}")
+    if m.loss_type not in ("siamese", "mae"):
+        raise ConfigError(f"config.model.loss_type={m.loss_type!r}: choose 'siamese' or 'mae'")
+    patch = VIT_VARIANTS[m.variant][3]
+    if m.image_size % patch:
+        raise ConfigError(f"config.model.image_size={m.image_size} is not a multiple of the patch size {patch}")
+    num_patches = (m.image_size // patch) ** 2
+    if not 0 < c.data.num_masked < num_patches:
+        raise ConfigError(f"config.data.num_masked={c.data.num_masked} must lie in (0, {num_patches}) "
+                         f"for {m.image_size}px images with {patch}px patches")
+    if c.batch_size <= 0 or c.grad_accum_steps <= 0 or c.batch_size % c.grad_accum_steps:
+        raise ConfigError(f"config.batch_size={c.batch_size} must be a positive multiple of "
+                         f"config.grad_accum_steps={c.grad_accum_steps}")
+    if c.total_steps <= 0 and c.epochs <= 0:
+        raise ConfigError("set config.epochs > 0 or config.total_steps > 0")
+    if m.dtype not in ("float32", "bfloat16", "float16"):
+        raise ConfigError(f"config.model.dtype={m.dtype!r}: choose float32, bfloat16 or float16")
+    for name in ("log_every_steps", "checkpoint_every_steps"):
+        if c[name] <= 0:
+            raise ConfigError(f"config.{name}={c[name]} must be > 0")

@@ -1,0 +1,1 @@
+"""Data: built-in images, two-view sampling, block masks, photometric augmentation and batching."""

@@ -1,0 +1,67 @@
+"""Procedural labelled images: one shape or texture family per class, colours independent of the class."""
+
+import numpy as np
+
+NUM_FAMILIES = 10  # disc, square, triangle, ring, cross, h-stripes, v-stripes, checkerboard, diag-stripes, dots
+
+
+def _shape_mask(rng: np.random.Generator, label: int, y: np.ndarray, x: np.ndarray) -> np.ndarray:
+    """Foreground bool (S, S) of family `label`; y, x are pixel-centre coordinates in [-1, 1], shape (S, S)."""
+    if label < 5:  # objects: random size, position and rotation
+        r = rng.uniform(0.3, 0.65)
+        cy, cx = rng.uniform(-(1 - r), 1 - r, size=2)
+        theta = rng.uniform(0, 2 * np.pi)
+        u = np.cos(theta) * (x - cx) + np.sin(theta) * (y - cy)
+        v = -np.sin(theta) * (x - cx) + np.cos(theta) * (y - cy)
+        if label == 0:
+            return u * u + v * v <= r * r
+        if label == 1:
+            return np.maximum(np.abs(u), np.abs(v)) <= 0.8 * r
+        if label == 2:
+            angles = theta + 2 * np.pi * np.arange(3) / 3
+            proj = np.cos(angles)[:, None, None] * (x - cx) + np.sin(angles)[:, None, None] * (y - cy)
+            return np.all(proj <= 0.5 * r, axis=0)
+        if label == 3:
+            d2 = u * u + v * v
+            return (d2 <= r * r) & (d2 >= (0.55 * r) ** 2)
+        arm = r / 3
+        return ((np.abs(u) <= r) & (np.abs(v) <= arm)) | ((np.abs(v) <= r) & (np.abs(u) <= arm))
+    # textures over the whole image: random period and phase, orientation jittered by at most 0.15 rad
+    period = rng.uniform(0.25, 0.6)
+    phase = rng.uniform(0, 2 * np.pi, size=2)
+    base = {5: 0.0, 6: np.pi / 2, 7: 0.0, 8: rng.choice([np.pi / 4, -np.pi / 4]), 9: 0.0}[label]
+    theta = base + rng.uniform(-0.15, 0.15)
+    u = np.cos(theta) * x + np.sin(theta) * y
+    v = -np.sin(theta) * x + np.cos(theta) * y
+    k = 2 * np.pi / period
+    if label in (5, 6, 8):  # bands vary along v: horizontal for theta = 0, vertical for pi / 2
+        return np.sin(k * v + phase[0]) > 0
+    if label == 7:
+        return (np.sin(k * u + phase[0]) > 0) ^ (np.sin(k * v + phase[1]) > 0)
+    du = (u / period + phase[0] / (2 * np.pi)) % 1.0 - 0.5
+    dv = (v / period + phase[1] / (2 * np.pi)) % 1.0 - 0.5
+    return du * du + dv * dv <= 0.3 ** 2
+
+
+def make_builtin_images(seed: int, num_images: int, image_size: int, num_classes: int = 10,
+                        offset: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Images offset .. offset+num_images-1 of the stream defined by `seed`.
+
+    Image k depends only on (seed, k). Returns (images uint8 (n, S, S, 3), labels int32 (n,)).
+    """
+    if not 1 <= num_classes <= NUM_FAMILIES:
+        raise ValueError(f"num_classes={num_classes} must be in [1, {NUM_FAMILIES}]")
+    coords = (np.arange(image_size) + 0.5) / image_size * 2 - 1
+    y, x = np.meshgrid(coords, coords, indexing="ij")
+    images = np.empty((num_images, image_size, image_size, 3), np.uint8)
+    labels = np.empty((num_images,), np.int32)
+    for n in range(num_images):
+        rng = np.random.default_rng([seed, offset + n])
+        label = int(rng.integers(num_classes))
+        fg = rng.uniform(0, 1, 3)
+        bg = (fg + rng.uniform(0.3, 0.7, 3)) % 1.0  # every channel differs by 0.3 .. 0.7
+        mask = _shape_mask(rng, label, y, x)
+        image = np.where(mask[..., None], fg, bg) + rng.normal(0, 0.03, (image_size, image_size, 3))
+        images[n] = np.clip(np.round(image * 255), 0, 255).astype(np.uint8)
+        labels[n] = label
+    return images, labels

@@ -1,0 +1,80 @@
+"""Deterministic, resumable two-view batches for the SiameseIM train step.
+
+A batch is a dict of NumPy arrays: view1 uint8 (B,S,S,3), view2 uint8 (B,S,S,3), geometry float32 (B,6)
+(fields `views.GEOMETRY_FIELDS`), mask bool (B, g*g) with g = S // patch_size and exactly num_masked True per row.
+"""
+
+import collections
+import concurrent.futures
+
+import numpy as np
+
+from siim_jax.data.masks import block_mask
+from siim_jax.data.views import sample_two_views
+
+
+class TwoViewBatches:
+    """Batches as a pure function of (seed, step, process_index).
+
+    Step `step` of epoch e = step // steps_per_epoch takes a contiguous window of batch_size * process_count
+    examples of the permutation `default_rng([seed, e]).permutation(n)` (the last partial window is dropped);
+    process p takes its slice [p*batch_size, (p+1)*batch_size). Example at global position q of the step
+    uses `default_rng([seed, step, q])` for its views and mask.
+    """
+
+    def __init__(self, images: np.ndarray, batch_size: int, out_size: int, patch_size: int, num_masked: int,
+                 crop_min: float, seed: int, process_index: int = 0, process_count: int = 1,
+                 num_threads: int = 2):
+        self.images = images
+        self.batch_size = batch_size
+        self.out_size = out_size
+        self.grid = out_size // patch_size
+        self.num_masked = num_masked
+        self.crop_min = crop_min
+        self.seed = seed
+        self.process_index = process_index
+        self.process_count = process_count
+        self.num_threads = num_threads
+        self.global_batch = batch_size * process_count
+        self.steps_per_epoch = len(images) // self.global_batch
+        if self.steps_per_epoch == 0:
+            raise ValueError(f"len(images)={len(images)} is smaller than the global batch {self.global_batch}")
+        if not 0 <= num_masked <= self.grid * self.grid:
+            raise ValueError(f"num_masked={num_masked} must be in [0, {self.grid * self.grid}]")
+
+    def indices_at(self, step: int) -> np.ndarray:
+        """Image indices int64 (batch_size,) of this process's examples at `step`."""
+        epoch, position = divmod(step, self.steps_per_epoch)
+        permutation = np.random.default_rng([self.seed, epoch]).permutation(len(self.images))
+        start = position * self.global_batch + self.process_index * self.batch_size
+        return permutation[start:start + self.batch_size]
+
+    def batch_at(self, step: int) -> dict:
+        """The batch of this process at `step` (see the module docstring for the layout)."""
+        view1 = np.empty((self.batch_size, self.out_size, self.out_size, 3), np.uint8)
+        view2 = np.empty_like(view1)
+        geometry = np.empty((self.batch_size, 6), np.float32)
+        mask = np.empty((self.batch_size, self.grid * self.grid), bool)
+        first = self.process_index * self.batch_size
+        for b, index in enumerate(self.indices_at(step)):
+            rng = np.random.default_rng([self.seed, step, first + b])
+            view1[b], view2[b], geometry[b] = sample_two_views(rng, self.images[index], self.out_size,
+                                                               self.crop_min)
+            mask[b] = block_mask(rng, self.grid, self.num_masked)
+        return {"view1": view1, "view2": view2, "geometry": geometry, "mask": mask}
+
+    def iterate(self, start_step: int = 0):
+        """Yields batch_at(start_step), batch_at(start_step + 1), ... computed ahead in a thread pool."""
+        ahead = 2 * self.num_threads
+        with concurrent.futures.ThreadPoolExecutor(self.num_threads) as pool:
+            pending = collections.deque(pool.submit(self.batch_at, start_step + k) for k in range(ahead))
+            step = start_step + ahead
+            try:
+                while True:
+                    batch = pending.popleft().result()
+                    pending.append(pool.submit(self.batch_at, step))
+                    step += 1
+                    yield batch
+            finally:
+                for future in pending:
+                    future.cancel()

@@ -1,0 +1,1 @@
+"""Evaluation: k-NN monitor (linear probe, fine-tune and few-shot protocols to come)."""

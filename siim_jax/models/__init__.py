@@ -1,0 +1,1 @@
+"""ViT encoder, SiameseIM online/target model, MAE baseline."""

@@ -1,0 +1,63 @@
+"""MAE baseline (He et al.; SPEC section 3, loss_type="mae"): random masking, encoder with final LayerNorm,
+LayerNorm decoder, per-patch pixel regression on the masked patches."""
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+from flax import nnx
+
+from siim_jax.config import VIT_VARIANTS
+from siim_jax.models.pos_embed import sincos_2d
+from siim_jax.models.vit import Block, VisionTransformer, dense, layer_norm, token_init
+
+
+def patchify(images, patch: int):
+    """(N, S, S, C) -> (N, (S/p)^2, p*p*C), each patch flattened as (row, column, channel)."""
+    n, s, _, c = images.shape
+    g = s // patch
+    x = images.reshape(n, g, patch, g, patch, c).transpose(0, 1, 3, 2, 4, 5)
+    return x.reshape(n, g * g, patch * patch * c)
+
+
+class MAE(nnx.Module):
+    def __init__(self, mc: ml_collections.ConfigDict, *, rngs: nnx.Rngs):
+        width, depth, heads, patch = VIT_VARIANTS[mc.variant]
+        dtype, dd = jnp.dtype(mc.dtype), mc.mae_decoder_width
+        self.patch, self.grid, self.decoder_width = patch, mc.image_size // patch, dd
+        self.num_visible = int(round(self.grid ** 2 * (1 - mc.mae_mask_ratio)))
+        self.norm_pix_loss = mc.norm_pix_loss
+        self.encoder = VisionTransformer(width=width, depth=depth, heads=heads, patch=patch,
+                                         image_size=mc.image_size, mlp_ratio=mc.mlp_ratio, final_norm=True,
+                                         dtype=dtype, rngs=rngs)
+        self.decoder_embed = dense(width, dd, ("embed", "mlp"), dtype=dtype, rngs=rngs)
+        self.mask_token = nnx.Param(token_init(rngs.params(), (1, 1, dd)), out_sharding=(None, None, "embed"))
+        self.decoder_blocks = nnx.List([Block(dd, mc.mae_decoder_heads, mc.mlp_ratio, dtype=dtype, rngs=rngs)
+                                        for _ in range(mc.mae_decoder_depth)])
+        self.decoder_norm = layer_norm(dd, rngs=rngs)
+        self.decoder_pred = dense(dd, patch * patch * 3, ("embed", "mlp"), dtype=dtype, rngs=rngs)
+
+    def __call__(self, images, key):
+        """Masked-patch pixel loss for normalised images (N, S, S, 3) with per-example random masks from `key`."""
+        n, num = images.shape[0], self.grid ** 2
+        order = jnp.argsort(jax.random.uniform(key, (n, num)), axis=1)
+        visible = jnp.sort(order[:, :self.num_visible], axis=1)
+        masked = jnp.ones((n, num), bool).at[jnp.arange(n)[:, None], visible].set(False)
+
+        tokens = jnp.take_along_axis(self.encoder.patch_tokens(images), visible[..., None], axis=1)
+        x = self.decoder_embed(self.encoder(tokens)).astype(jnp.float32)  # (N, 1 + V, Dd)
+        # Scatter the visible tokens back to their positions; masked positions take the mask token.
+        full = jnp.broadcast_to(self.mask_token[...], (n, num, self.decoder_width))
+        full = full.at[jnp.arange(n)[:, None], visible].set(x[:, 1:])
+        dpos = jnp.asarray(sincos_2d(self.decoder_width, self.grid, class_token=True))
+        x = jnp.concatenate([x[:, :1], full], axis=1) + dpos
+        for block in self.decoder_blocks:
+            x = block(x)
+        pred = self.decoder_pred(self.decoder_norm(x)[:, 1:]).astype(jnp.float32)
+
+        target = patchify(images.astype(jnp.float32), self.patch)
+        if self.norm_pix_loss:  # per-patch normalisation, unbiased variance as in the MAE code
+            mean = target.mean(-1, keepdims=True)
+            var = target.var(-1, keepdims=True, ddof=1)
+            target = (target - mean) / jnp.sqrt(var + 1e-6)
+        per_patch = jnp.mean(jnp.square(pred - target), axis=-1)
+        return jnp.sum(per_patch * masked) / jnp.sum(masked)

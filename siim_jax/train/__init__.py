@@ -1,0 +1,1 @@
+"""Train state, schedules, the jitted step, checkpoints and the training loop."""

@@ -1,0 +1,3 @@
+from siim_jax.train.main import run
+
+run()

@@ -1,0 +1,249 @@
+"""train_and_evaluate(config, workdir): the pretraining loop with checkpoints, resume, monitoring and k-NN.
+
+Data flows one way: source -> host crops (TwoViewBatches) -> global device batch -> jitted step -> metrics and
+checkpoints. The batch stream is a pure function of (seed, step), so a resumed run sees exactly the batches an
+uninterrupted run would have seen.
+"""
+
+import json
+import logging
+import math
+import os
+import signal
+import time
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import tqdm
+from flax import nnx
+
+from siim_jax import config as config_lib
+from siim_jax.data.builtin import make_builtin_images
+from siim_jax.data.photometric import normalize
+from siim_jax.data.pipeline import TwoViewBatches
+from siim_jax.eval.knn import knn_top1
+from siim_jax.parallel.sharding import batch_sharding, create_mesh, global_batch, replicated
+from siim_jax.train.checkpoint import Checkpointer, abstract_like
+from siim_jax.train.schedules import ema_momentum_fn, learning_rate_fn, training_length
+from siim_jax.train.state import init_train_state, merge_params
+from siim_jax.train.step import jit_in_mesh, jit_train_step
+
+log = logging.getLogger(__name__)
+
+
+class NonFiniteLossError(RuntimeError):
+    pass
+
+
+class MetricsWriter:
+    """metrics.jsonl (one JSON object per record) and TensorBoard scalars in the workdir."""
+
+    def __init__(self, workdir: str, resume_step: int | None):
+        self.path = os.path.join(workdir, "metrics.jsonl")
+        if resume_step is not None and os.path.exists(self.path):  # drop records the checkpoint does not cover
+            with open(self.path) as f:
+                kept = [line for line in f if json.loads(line)["step"] <= resume_step]
+            with open(self.path, "w") as f:
+                f.writelines(kept)
+        elif resume_step is None and os.path.exists(self.path):
+            os.remove(self.path)
+        from tensorboardX import SummaryWriter
+        self.tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+
+    def write(self, step: int, values: dict) -> None:
+        record = {"step": int(step), **{k: float(v) for k, v in values.items()}}
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        for k, v in values.items():
+            self.tb.add_scalar(k, float(v), int(step))
+        self.tb.flush()
+
+    def records(self) -> list[dict]:
+        with open(self.path) as f:
+            return [json.loads(line) for line in f]
+
+    def close(self) -> None:
+        self.tb.close()
+
+
+class StopRequest:
+    """SIGTERM / SIGINT set a flag the loop checks between steps (save, then exit cleanly)."""
+
+    def __init__(self):
+        self.signal = None
+        self.previous = {s: signal.signal(s, self._handle) for s in (signal.SIGTERM, signal.SIGINT)}
+
+    def _handle(self, signum, _frame):
+        if self.signal is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt  # a second Ctrl-C stops at once
+        self.signal = signum
+        log.warning("received %s: saving a checkpoint at the end of this step, then exiting",
+                        signal.Signals(signum).name)
+
+    def restore(self):
+        for s, handler in self.previous.items():
+            signal.signal(s, handler)
+
+
+def make_feature_fn(config, graphdef, mesh, shardings):
+    """Jitted (state params, ema, stats, uint8 images (N, H, W, 3)) -> encoder features (N, D) float32."""
+    size = config.model.image_size
+
+    def features(params, ema_params, batch_stats, images):
+        model = nnx.merge(graphdef, merge_params(params, ema_params), batch_stats)
+        encoder = model.encoder if config.model.loss_type == "mae" else model.online.encoder
+        images = normalize(images)
+        if images.shape[1] != size:
+            images = jax.image.resize(images, (images.shape[0], size, size, 3), "bicubic")
+        return encoder.features(images).astype(jnp.float32)
+
+    rules = config.mesh.logical_axis_rules
+    return jit_in_mesh(features, mesh, rules, out_shardings=replicated(mesh),
+                       in_shardings=(shardings.params, shardings.ema_params, shardings.batch_stats,
+                                     batch_sharding(mesh, rules, 4)))
+
+
+def extract_features(feature_fn, state, images: np.ndarray, batch: int, multiple: int) -> np.ndarray:
+    batch = math.ceil(batch / multiple) * multiple
+    out = []
+    for start in range(0, len(images), batch):
+        chunk = images[start:start + batch]
+        padded = np.concatenate([chunk, np.zeros((batch - len(chunk),) + chunk.shape[1:], chunk.dtype)])
+        out.append(np.asarray(feature_fn(state.params, state.ema_params, state.batch_stats, padded))[:len(chunk)])
+    return np.concatenate(out)
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, stop_at_step: int | None = None) -> dict:
+    """Pretrains per `config` in `workdir`, resuming from its newest checkpoint. Returns a summary dict.
+
+    stop_at_step: behave as if interrupted once that many steps are done (save, return), for resumable jobs
+    with a step budget per allocation.
+    """
+    config_lib.validate(config)
+    if config.data.source != "builtin":
+        raise config_lib.ConfigError(f"config.data.source={config.data.source!r}: only 'builtin' is available in this version")
+    os.makedirs(workdir, exist_ok=True)
+    with open(os.path.join(workdir, "config.json"), "w") as f:
+        f.write(config.to_json_best_effort(indent=2))
+
+    rules = config.mesh.logical_axis_rules
+    mesh = create_mesh(config.mesh)
+    data_shards = math.prod(mesh.shape[a] for a in ("data", "fsdp"))
+    if config.batch_size % (data_shards * config.grad_accum_steps):
+        raise config_lib.ConfigError(f"config.batch_size={config.batch_size} must be divisible by the {data_shards} data "
+                         f"shards times config.grad_accum_steps={config.grad_accum_steps}")
+    patch = config_lib.VIT_VARIANTS[config.model.variant][3]
+
+    log.info("generating %d built-in images", config.data.num_train)
+    images, labels = make_builtin_images(config.seed, config.data.num_train, config.data.raw_size,
+                                         config.data.num_classes)
+    batches = TwoViewBatches(images, config.batch_size // jax.process_count(), config.model.image_size, patch,
+                             config.data.num_masked, config.data.crop_min, config.seed,
+                             process_index=jax.process_index(), process_count=jax.process_count(),
+                             num_threads=config.data.threads)
+
+    length = training_length(config, config.data.num_train)
+    lr_fn, momentum_fn = learning_rate_fn(config, length), ema_momentum_fn(config, length)
+    graphdef, tx, state, shardings = init_train_state(config, mesh, lr_fn)
+    checkpoints = Checkpointer(workdir, config)
+    resume_step = checkpoints.latest_step()
+    if resume_step is not None:
+        log.info("resuming from %s", checkpoints.path(resume_step))
+        state = checkpoints.restore(resume_step, abstract_like(state, shardings))
+    start = int(state.step)
+    metrics_writer = MetricsWriter(workdir, resume_step)
+
+    train_step = jit_train_step(config, graphdef, tx, lr_fn, momentum_fn, mesh, shardings)
+
+    knn_enabled = config.eval_every_steps > 0
+    if knn_enabled:
+        feature_fn = make_feature_fn(config, graphdef, mesh, shardings)
+        bank_n = min(config.knn.num_bank, len(images))
+        query_images, query_labels = make_builtin_images(config.seed, config.knn.num_query, config.data.raw_size,
+                                                         config.data.num_classes, offset=config.data.num_train)
+
+        def run_knn(step):
+            kw = dict(batch=config.knn.batch_size, multiple=data_shards)
+            bank = extract_features(feature_fn, state, images[:bank_n], **kw)
+            queries = extract_features(feature_fn, state, query_images, **kw)
+            top1 = knn_top1(bank, labels[:bank_n], queries, query_labels, config.knn.k, config.knn.temperature,
+                            config.data.num_classes)
+            metrics_writer.write(step, {"knn_top1": top1})
+            log.info("step %d: knn_top1 %.4f", step, top1)
+            return top1
+
+        if start == 0:
+            run_knn(0)
+
+    stop = StopRequest()
+    pending = []  # (step, device metrics) not yet checked for finiteness
+    last_good = {}
+
+    def check_pending():
+        nonlocal pending
+        for step, values in jax.device_get(pending):
+            if not all(np.isfinite(v) for v in values.values()):
+                raise NonFiniteLossError(
+                    f"non-finite value at step {step}: {values}; the newest checkpoint "
+                    f"({checkpoints.latest_step()}) is intact; lower config.optim.blr or check the data")
+            last_good.update(values)
+        pending = []
+
+    progress = tqdm.tqdm(total=length.total_steps, initial=start, desc="pretrain", unit="step",
+                         dynamic_ncols=True, mininterval=1.0)
+    interrupted = False
+    try:
+        timer, timed_steps = None, 0
+        for step_index, batch in zip(range(start, length.total_steps), batches.iterate(start)):
+            state, metrics = train_step(state, global_batch(batch, mesh, rules))
+            step = step_index + 1
+            pending.append((step, metrics))
+            if timer is None:  # exclude compilation from throughput
+                jax.block_until_ready(metrics)
+                timer, timed_steps = time.perf_counter(), 0
+            else:
+                timed_steps += 1
+            progress.update(1)
+            is_last = step == length.total_steps
+            if step % config.log_every_steps == 0 or is_last:
+                jax.block_until_ready(metrics)
+                elapsed = time.perf_counter() - timer
+                check_pending()
+                rate = timed_steps * config.batch_size / elapsed if timed_steps else float("nan")
+                metrics_writer.write(step, {**last_good, "images_per_sec": rate})
+                progress.set_postfix(loss=f"{last_good['loss']:.4f}", img_s=f"{rate:.1f}")
+                timer, timed_steps = time.perf_counter(), 0
+            if knn_enabled and (step % config.eval_every_steps == 0 or is_last):
+                run_knn(step)
+            interrupted = stop.signal is not None or step == stop_at_step
+            if step % config.checkpoint_every_steps == 0 or is_last or interrupted:
+                check_pending()
+                checkpoints.save(step, state)
+            if interrupted:
+                break
+            if timer is not None and (step % config.log_every_steps == 0):
+                timer = time.perf_counter()
+    finally:
+        progress.close()
+        stop.restore()
+        checkpoints.close()
+        metrics_writer.close()
+
+    records = metrics_writer.records()
+    knn = [r["knn_top1"] for r in records if "knn_top1" in r]
+    final_step = int(state.step)
+    summary = {"step": final_step, "total_steps": length.total_steps, "interrupted": interrupted,
+               "final_loss": last_good.get("loss", float("nan")),
+               "knn_top1_start": knn[0] if knn else None, "knn_top1_end": knn[-1] if knn else None,
+               "checkpoint": checkpoints.path(final_step), "workdir": os.path.abspath(workdir)}
+    return summary
+
+
+def format_summary(s: dict) -> str:
+    knn = (f"knn_top1 {s['knn_top1_start']:.3f} (step 0) -> {s['knn_top1_end']:.3f} (step {s['step']})"
+           if s["knn_top1_start"] is not None else "knn off")
+    status = "interrupted at" if s["interrupted"] else "done:"
+    return (f"{status} step {s['step']}/{s['total_steps']}, final loss {s['final_loss']:.4f}, {knn}, "
+            f"checkpoint {s['checkpoint']}")

@@ -1,0 +1,40 @@
+"""Command line: python -m siim_jax.train --config configs/<recipe>.py --workdir <dir> [--config.key=value ...]"""
+
+import logging as py_logging
+import sys
+
+import jax
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Recipe file in configs/.", lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and the resolved config.")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    # imported after flag parsing so that --help is fast
+    from siim_jax.config import ConfigError
+    from siim_jax.train.checkpoint import CheckpointMismatchError
+    from siim_jax.train.loop import NonFiniteLossError, format_summary, train_and_evaluate
+
+    logging.set_verbosity(logging.WARNING)  # library chatter (Orbax) off; siim_jax's own progress on
+    py_logging.getLogger("siim_jax").setLevel(py_logging.INFO)
+    py_logging.getLogger("siim_jax").info("devices: %s", jax.devices())
+    try:
+        summary = train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+    except (ConfigError, CheckpointMismatchError, NonFiniteLossError) as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        sys.exit(1)
+    print(format_summary(summary), flush=True)
+
+
+def run():
+    """Console-script entry point (`siim-jax-train`)."""
+    app.run(main)
+
+
+if __name__ == "__main__":
+    run()

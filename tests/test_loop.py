@@ -1,0 +1,123 @@
+"""The training loop and the command line: resume, interruption, bad input, the demo recipe."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+
+from conftest import tiny_config
+from siim_jax.config import ConfigError
+from siim_jax.train.checkpoint import CheckpointMismatchError
+from siim_jax.train.loop import NonFiniteLossError, train_and_evaluate
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def losses(workdir):
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        return {r["step"]: r["loss"] for r in map(json.loads, f) if "loss" in r}
+
+
+def test_interrupt_and_resume_gives_the_same_losses(tmp_path):
+    config = tiny_config()
+    full = train_and_evaluate(config, str(tmp_path / "full"))
+    assert full["step"] == 6 and not full["interrupted"]
+
+    split = str(tmp_path / "split")
+    first = train_and_evaluate(config, split, stop_at_step=3)
+    assert first["interrupted"] and first["step"] == 3
+    assert os.path.isdir(os.path.join(split, "checkpoints", "3"))
+    second = train_and_evaluate(config, split)
+    assert second["step"] == 6 and not second["interrupted"]
+
+    expected, resumed = losses(tmp_path / "full"), losses(split)
+    assert sorted(resumed) == sorted(expected) == [1, 2, 3, 4, 5, 6]
+    np.testing.assert_allclose([resumed[s] for s in range(1, 7)], [expected[s] for s in range(1, 7)], rtol=1e-6)
+    # the losses actually change from step to step, so equality above is not vacuous
+    assert len({round(v, 6) for v in expected.values()}) == 6
+
+
+def test_checkpoint_of_another_model_is_a_readable_error(tmp_path):
+    train_and_evaluate(tiny_config(total_steps=2), str(tmp_path))
+    with pytest.raises(CheckpointMismatchError, match="decoder_width"):
+        train_and_evaluate(tiny_config(**{"total_steps": 4, "model.decoder_width": 64}), str(tmp_path))
+
+
+def test_non_finite_loss_stops_before_saving_the_bad_state(tmp_path):
+    config = tiny_config(**{"optim.blr": 1e30, "optim.clip_norm": 0.0, "checkpoint_every_steps": 1,
+                            "log_every_steps": 100, "total_steps": 20})
+    with pytest.raises(NonFiniteLossError, match="non-finite value at step"):
+        train_and_evaluate(config, str(tmp_path))
+    saved = sorted(int(d) for d in os.listdir(tmp_path / "checkpoints") if d.isdigit())
+    assert saved, "the steps before the blow-up were checkpointed"
+    # the newest checkpoint restores to finite parameters: resuming with a sane rate works from there
+    from siim_jax.train.checkpoint import Checkpointer
+    from siim_jax.parallel.sharding import create_mesh
+    from siim_jax.train.schedules import learning_rate_fn, training_length
+    from siim_jax.train.state import init_train_state
+    from siim_jax.train.checkpoint import abstract_like
+    mesh = create_mesh(config.mesh)
+    _, _, state, shardings = init_train_state(config, mesh, learning_rate_fn(config, training_length(config, 64)))
+    restored = Checkpointer(str(tmp_path), config).restore(saved[-1], abstract_like(state, shardings))
+    assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(restored.params))
+
+
+def test_bad_config_values_name_the_key(tmp_path):
+    with pytest.raises(ConfigError, match="num_masked"):
+        train_and_evaluate(tiny_config(**{"data.num_masked": 16}), str(tmp_path))
+    with pytest.raises(ConfigError, match="batch_size"):
+        train_and_evaluate(tiny_config(batch_size=12), str(tmp_path))  # 8 devices
+
+
+def run_cli(workdir, *overrides, **popen_kwargs):
+    cmd = [sys.executable, "-m", "siim_jax.train", "--config", os.path.join(REPO, "configs", "demo.py"),
+           "--workdir", str(workdir), "--config.batch_size=16", "--config.data.num_train=256",
+           "--config.knn.num_bank=64", "--config.knn.num_query=32", "--config.log_every_steps=1", *overrides]
+    return subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            **popen_kwargs)
+
+
+def test_demo_recipe_runs_through_the_entry_point(tmp_path):
+    proc = run_cli(tmp_path, "--config.total_steps=3", "--config.eval_every_steps=3")
+    out, err = proc.communicate(timeout=600)
+    assert proc.returncode == 0, err[-3000:]
+    last = out.strip().splitlines()[-1]
+    assert last.startswith("done: step 3/3, final loss ") and "knn_top1" in last
+    assert last.endswith(os.path.join(str(tmp_path), "checkpoints", "3"))
+    records = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
+    steps = [r for r in records if "loss" in r]
+    assert [r["step"] for r in steps] == [1, 2, 3]
+    for key in ("loss", "lr", "momentum", "grad_norm", "images_per_sec"):
+        assert key in steps[-1]
+    assert [r["step"] for r in records if "knn_top1" in r] == [0, 3]
+    assert json.load(open(tmp_path / "config.json"))["model"]["variant"] == "demo"
+    assert os.listdir(tmp_path / "tensorboard")
+
+
+def test_misspelt_override_is_an_error_naming_the_key(tmp_path):
+    proc = run_cli(tmp_path, "--config.batch_sise=3")
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode != 0 and "batch_sise" in err
+
+
+def test_sigterm_saves_the_current_step_and_exits_cleanly(tmp_path):
+    proc = run_cli(tmp_path, "--config.total_steps=100000", "--config.eval_every_steps=0")
+    metrics = tmp_path / "metrics.jsonl"
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        if metrics.exists() and len(metrics.read_text().splitlines()) >= 2:
+            break
+        time.sleep(0.5)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err[-3000:]
+    last = out.strip().splitlines()[-1]
+    assert last.startswith("interrupted at step ")
+    step = int(last.split()[3].split("/")[0].rstrip(","))
+    assert step >= 2 and os.path.isdir(tmp_path / "checkpoints" / str(step))
