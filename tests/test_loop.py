@@ -44,7 +44,7 @@ def test_interrupt_and_resume_gives_the_same_losses(tmp_path):
 
 
 def test_checkpoint_of_another_model_is_a_readable_error(tmp_path):
-    train_and_evaluate(tiny_config(total_steps=2), str(tmp_path))
+    train_and_evaluate(tiny_config(total_steps=2, warmup_steps=1), str(tmp_path))
     with pytest.raises(CheckpointMismatchError, match="decoder_width"):
         train_and_evaluate(tiny_config(**{"total_steps": 4, "model.decoder_width": 64}), str(tmp_path))
 
@@ -78,7 +78,8 @@ def test_bad_config_values_name_the_key(tmp_path):
 def run_cli(workdir, *overrides, **popen_kwargs):
     cmd = [sys.executable, "-m", "siim_jax.train", "--config", os.path.join(REPO, "configs", "demo.py"),
            "--workdir", str(workdir), "--config.batch_size=16", "--config.data.num_train=256",
-           "--config.knn.num_bank=64", "--config.knn.num_query=32", "--config.log_every_steps=1", *overrides]
+           "--config.knn.num_bank=64", "--config.knn.num_query=32", "--config.log_every_steps=1",
+           "--config.warmup_steps=1", *overrides]
     return subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             **popen_kwargs)
 

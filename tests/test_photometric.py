@@ -108,3 +108,18 @@ def test_augment_shapes_and_keys(augment):
     low = (0 - np.array(P.IMAGENET_MEAN)) / np.array(P.IMAGENET_STD)
     high = (1 - np.array(P.IMAGENET_MEAN)) / np.array(P.IMAGENET_STD)
     assert np.all(np.asarray(a) >= low - 1e-5) and np.all(np.asarray(a) <= high + 1e-5)
+
+
+def test_color_jitter_equals_the_four_ops_in_the_sampled_order():
+    image = RNG.uniform(0, 1, (12, 12, 3)).astype(np.float32)
+    ops = (P.brightness, P.contrast, P.saturation, P.hue)
+    for seed in range(12):
+        key = jax.random.key(seed)
+        k_order, *k_factors = jax.random.split(key, 5)
+        bounds = [(1 - P.BRIGHTNESS, 1 + P.BRIGHTNESS), (1 - P.CONTRAST, 1 + P.CONTRAST),
+                  (1 - P.SATURATION, 1 + P.SATURATION), (-P.HUE, P.HUE)]
+        factors = [jax.random.uniform(k, (), minval=lo, maxval=hi) for k, (lo, hi) in zip(k_factors, bounds)]
+        expected = image
+        for op in np.asarray(jax.random.permutation(k_order, 4)):
+            expected = ops[op](expected, factors[op])
+        np.testing.assert_allclose(P._color_jitter(key, image), expected, atol=2e-6)

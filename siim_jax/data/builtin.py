@@ -1,6 +1,13 @@
-"""Procedural labelled images: one shape or texture family per class, colours independent of the class."""
+"""Procedural labelled images: one shape or texture family per class, colours independent of the class.
+
+Foreground and background take two different colours of a small shared palette (slightly perturbed per image),
+so colour is neither a class cue nor a strong identity cue between two views: matching views has to use shape.
+"""
 
 import numpy as np
+
+PALETTE = np.array([[0.9, 0.1, 0.1], [0.1, 0.7, 0.2], [0.15, 0.25, 0.9], [0.95, 0.85, 0.1],
+                    [0.9, 0.9, 0.9], [0.1, 0.1, 0.1], [0.6, 0.2, 0.8], [0.1, 0.8, 0.8]])
 
 NUM_FAMILIES = 10  # disc, square, triangle, ring, cross, h-stripes, v-stripes, checkerboard, diag-stripes, dots
 
@@ -58,8 +65,7 @@ def make_builtin_images(seed: int, num_images: int, image_size: int, num_classes
     for n in range(num_images):
         rng = np.random.default_rng([seed, offset + n])
         label = int(rng.integers(num_classes))
-        fg = rng.uniform(0, 1, 3)
-        bg = (fg + rng.uniform(0.3, 0.7, 3)) % 1.0  # every channel differs by 0.3 .. 0.7
+        fg, bg = PALETTE[rng.choice(len(PALETTE), 2, replace=False)] + rng.uniform(-0.08, 0.08, (2, 3))
         mask = _shape_mask(rng, label, y, x)
         image = np.where(mask[..., None], fg, bg) + rng.normal(0, 0.03, (image_size, image_size, 3))
         images[n] = np.clip(np.round(image * 255), 0, 255).astype(np.uint8)

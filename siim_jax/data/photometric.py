@@ -75,16 +75,35 @@ def normalize(images: jax.Array) -> jax.Array:
     return _normalize_float(jnp.asarray(images, jnp.float32) / 255.0)
 
 
+def _blend(image: jax.Array, op, factor) -> jax.Array:
+    """Brightness (op 0), contrast (op 1) or saturation (op 2) with `factor`; op 3 (hue) passes through."""
+    gray = grayscale(image)
+    reference = jnp.where(op == 0, 0.0, jnp.where(op == 1, jnp.mean(gray[..., 0]), gray))
+    blended = jnp.clip(factor * image + (1.0 - factor) * reference, 0.0, 1.0)
+    return jnp.where(op == 3, image, blended)
+
+
 def _color_jitter(key: jax.Array, image: jax.Array) -> jax.Array:
-    """Brightness, contrast, saturation and hue with torchvision factor ranges, in a random order."""
+    """Brightness, contrast, saturation and hue with torchvision factor ranges, in a random order.
+
+    Same result as applying the four ops in the sampled order, computed with one hue shift per image: the
+    blend ops that come before hue, then hue, then those after it (under vmap a `switch` would run every op at
+    every position).
+    """
     k_order, k_b, k_c, k_s, k_h = jax.random.split(key, 5)
-    factors = (jax.random.uniform(k_b, (), minval=1 - BRIGHTNESS, maxval=1 + BRIGHTNESS),
-               jax.random.uniform(k_c, (), minval=1 - CONTRAST, maxval=1 + CONTRAST),
-               jax.random.uniform(k_s, (), minval=1 - SATURATION, maxval=1 + SATURATION),
-               jax.random.uniform(k_h, (), minval=-HUE, maxval=HUE))
-    ops = [lambda x, f=f, op=op: op(x, f) for op, f in zip((brightness, contrast, saturation, hue), factors)]
-    for index in jax.random.permutation(k_order, 4):
-        image = jax.lax.switch(index, ops, image)
+    factors = jnp.stack([jax.random.uniform(k_b, (), minval=1 - BRIGHTNESS, maxval=1 + BRIGHTNESS),
+                         jax.random.uniform(k_c, (), minval=1 - CONTRAST, maxval=1 + CONTRAST),
+                         jax.random.uniform(k_s, (), minval=1 - SATURATION, maxval=1 + SATURATION),
+                         jax.random.uniform(k_h, (), minval=-HUE, maxval=HUE)])
+    order = jax.random.permutation(k_order, 4)  # order[slot] = op index (0 b, 1 c, 2 s, 3 hue)
+    hue_slot = jnp.argmax(order == 3)
+    for slot in range(4):  # blend ops before hue
+        op = jnp.where(slot < hue_slot, order[slot], 3)
+        image = _blend(image, op, factors[op])
+    image = hue(image, factors[3])
+    for slot in range(4):  # blend ops after hue
+        op = jnp.where(slot > hue_slot, order[slot], 3)
+        image = _blend(image, op, factors[op])
     return image
 
 

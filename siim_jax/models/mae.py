@@ -36,8 +36,9 @@ class MAE(nnx.Module):
         self.decoder_norm = layer_norm(dd, rngs=rngs)
         self.decoder_pred = dense(dd, patch * patch * 3, ("embed", "mlp"), dtype=dtype, rngs=rngs)
 
-    def __call__(self, images, key):
-        """Masked-patch pixel loss for normalised images (N, S, S, 3) with per-example random masks from `key`."""
+    def reconstruct(self, images, key):
+        """Normalised images (N, S, S, 3), per-example random masks from `key` -> (predicted pixels
+        (N, L, p*p*3) float32, masked (N, L) bool)."""
         n, num = images.shape[0], self.grid ** 2
         order = jnp.argsort(jax.random.uniform(key, (n, num)), axis=1)
         visible = jnp.sort(order[:, :self.num_visible], axis=1)
@@ -52,8 +53,11 @@ class MAE(nnx.Module):
         x = jnp.concatenate([x[:, :1], full], axis=1) + dpos
         for block in self.decoder_blocks:
             x = block(x)
-        pred = self.decoder_pred(self.decoder_norm(x)[:, 1:]).astype(jnp.float32)
+        return self.decoder_pred(self.decoder_norm(x)[:, 1:]).astype(jnp.float32), masked
 
+    def __call__(self, images, key):
+        """Mean squared error over the masked patches (of normalised pixels if norm_pix_loss): scalar."""
+        pred, masked = self.reconstruct(images, key)
         target = patchify(images.astype(jnp.float32), self.patch)
         if self.norm_pix_loss:  # per-patch normalisation, unbiased variance as in the MAE code
             mean = target.mean(-1, keepdims=True)

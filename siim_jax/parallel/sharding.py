@@ -82,7 +82,7 @@ def state_shardings(abstract_state, mesh: Mesh, rules):
     def one(variable):
         logical = variable.get_metadata().get("out_sharding") or (None,) * variable.get_value().ndim
         return NamedSharding(mesh, logical_to_mesh_spec(tuple(logical), variable.get_value().shape, mesh, rules))
-    return jax.tree.map(one, abstract_state, is_leaf=lambda x: isinstance(x, nnx.Variable)).to_pure_dict()
+    return nnx.to_pure_dict(jax.tree.map(one, abstract_state, is_leaf=lambda x: isinstance(x, nnx.Variable)))
 
 
 def batch_sharding(mesh: Mesh, rules, ndim: int) -> NamedSharding:

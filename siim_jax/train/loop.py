@@ -195,36 +195,38 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, stop_at_
                          dynamic_ncols=True, mininterval=1.0)
     interrupted = False
     try:
-        timer, timed_steps = None, 0
+        timer, timed_steps = None, 0  # throughput over training steps only: no compilation, k-NN or saving
         for step_index, batch in zip(range(start, length.total_steps), batches.iterate(start)):
             state, metrics = train_step(state, global_batch(batch, mesh, rules))
             step = step_index + 1
             pending.append((step, metrics))
-            if timer is None:  # exclude compilation from throughput
+            progress.update(1)
+            if timer is None:  # the first step compiles
                 jax.block_until_ready(metrics)
-                timer, timed_steps = time.perf_counter(), 0
+                reset_timer = True
             else:
                 timed_steps += 1
-            progress.update(1)
+                reset_timer = False
             is_last = step == length.total_steps
             if step % config.log_every_steps == 0 or is_last:
                 jax.block_until_ready(metrics)
-                elapsed = time.perf_counter() - timer
+                rate = timed_steps * config.batch_size / (time.perf_counter() - timer) if timed_steps else math.nan
                 check_pending()
-                rate = timed_steps * config.batch_size / elapsed if timed_steps else float("nan")
                 metrics_writer.write(step, {**last_good, "images_per_sec": rate})
                 progress.set_postfix(loss=f"{last_good['loss']:.4f}", img_s=f"{rate:.1f}")
-                timer, timed_steps = time.perf_counter(), 0
+                reset_timer = True
             if knn_enabled and (step % config.eval_every_steps == 0 or is_last):
                 run_knn(step)
+                reset_timer = True
             interrupted = stop.signal is not None or step == stop_at_step
             if step % config.checkpoint_every_steps == 0 or is_last or interrupted:
                 check_pending()
                 checkpoints.save(step, state)
+                reset_timer = True
             if interrupted:
                 break
-            if timer is not None and (step % config.log_every_steps == 0):
-                timer = time.perf_counter()
+            if reset_timer:
+                timer, timed_steps = time.perf_counter(), 0
     finally:
         progress.close()
         stop.restore()
@@ -233,9 +235,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, stop_at_
 
     records = metrics_writer.records()
     knn = [r["knn_top1"] for r in records if "knn_top1" in r]
+    logged_losses = [r["loss"] for r in records if "loss" in r]
     final_step = int(state.step)
     summary = {"step": final_step, "total_steps": length.total_steps, "interrupted": interrupted,
-               "final_loss": last_good.get("loss", float("nan")),
+               "final_loss": logged_losses[-1] if logged_losses else math.nan,
                "knn_top1_start": knn[0] if knn else None, "knn_top1_end": knn[-1] if knn else None,
                "checkpoint": checkpoints.path(final_step), "workdir": os.path.abspath(workdir)}
     return summary

@@ -5,6 +5,8 @@ import dataclasses
 import jax.numpy as jnp
 import ml_collections
 
+from siim_jax.config import ConfigError
+
 
 @dataclasses.dataclass(frozen=True)
 class TrainingLength:
@@ -22,14 +24,14 @@ def training_length(config: ml_collections.ConfigDict, num_train: int) -> Traini
         warmup = round(total * config.warmup_epochs / config.epochs) if config.epochs > 0 else 0
     else:
         if steps_per_epoch == 0:
-            raise ValueError(f"config.batch_size={config.batch_size} exceeds the {num_train} training examples; "
+            raise ConfigError(f"config.batch_size={config.batch_size} exceeds the {num_train} training examples; "
                              "lower it or set config.total_steps")
         total = config.epochs * steps_per_epoch
         warmup = config.warmup_epochs * steps_per_epoch
     if config.warmup_steps >= 0:
         warmup = config.warmup_steps
     if not 0 <= warmup < total:
-        raise ValueError(f"warmup of {warmup} steps must be shorter than the {total} training steps; "
+        raise ConfigError(f"warmup of {warmup} steps must be shorter than the {total} training steps; "
                          "adjust config.warmup_epochs or config.warmup_steps")
     return TrainingLength(total, warmup, max(steps_per_epoch, 1))
 

@@ -83,15 +83,15 @@ def init_train_state(config: ml_collections.ConfigDict, mesh: Mesh, learning_rat
     param_sh, ema_sh = split_params(state_shardings(abstract_params, mesh, config.mesh.logical_axis_rules),
                                     config.model.loss_type)
     stats_sh = state_shardings(abstract_stats, mesh, config.mesh.logical_axis_rules)
-    tx = make_optimizer(config, split_params(abstract_params.to_pure_dict(), config.model.loss_type)[0],
+    tx = make_optimizer(config, split_params(nnx.to_pure_dict(abstract_params), config.model.loss_type)[0],
                         learning_rate)
 
     def init():
         _, params, stats = nnx.split(create_model(config, config.seed), nnx.Param, nnx.BatchStat)
-        params, ema = split_params(params.to_pure_dict(), config.model.loss_type)
+        params, ema = split_params(nnx.to_pure_dict(params), config.model.loss_type)
         ema = jax.tree.map(jnp.copy, ema)  # at step 0 the target is an exact copy of the online weights
         return TrainState(step=jnp.zeros((), jnp.int32), params=params, ema_params=ema,
-                          opt_state=tx.init(params), batch_stats=stats.to_pure_dict())
+                          opt_state=tx.init(params), batch_stats=nnx.to_pure_dict(stats))
 
     abstract_state = jax.eval_shape(init)
     masked = lambda x: isinstance(x, optax.MaskedNode)  # frozen leaves have no optimiser state

@@ -35,7 +35,7 @@ def make_loss_fn(config: ml_collections.ConfigDict, graphdef):
                                 config.loss.neg_weight)
         else:  # MAE: crops and flips only, random masks drawn on device
             loss = model(normalize(batch["view1"]), key1)
-        return loss, nnx.state(model, nnx.BatchStat).to_pure_dict()
+        return loss, nnx.to_pure_dict(nnx.state(model, nnx.BatchStat))
 
     return loss_fn
 
@@ -77,7 +77,7 @@ def make_train_step(config: ml_collections.ConfigDict, graphdef, tx: optax.Gradi
         labels = trainable_labels(grads, config)
         trainable = jax.tree.map(lambda g, lab: g if lab == "train" else jnp.zeros(()), grads, labels)
         metrics = {"loss": loss, "lr": learning_rate(state.step), "momentum": momentum,
-                   "grad_norm": optax.global_norm(trainable)}
+                   "grad_norm": optax.tree.norm(trainable)}
         new_state = TrainState(step=state.step + 1, params=params, ema_params=ema, opt_state=opt_state,
                                batch_stats=stats)
         return new_state, metrics
