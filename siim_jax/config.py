@@ -9,7 +9,6 @@ import ml_collections
 # Encoder sizes: (width, depth, heads, patch size).
 VIT_VARIANTS = {
     "mu": (64, 2, 2, 8),  # test-sized
-    "demo": (128, 4, 4, 8),  # configs/demo.py on CPU
     "Ti": (192, 12, 3, 16),
     "S": (384, 12, 6, 16),
     "B": (768, 12, 12, 16),
@@ -133,6 +132,9 @@ def validate(c: ml_collections.ConfigDict) -> None:
         raise ConfigError("set config.epochs > 0 or config.total_steps > 0")
     if m.dtype not in ("float32", "bfloat16", "float16"):
         raise ConfigError(f"config.model.dtype={m.dtype!r}: choose float32, bfloat16 or float16")
+    if c.data.source != "builtin":
+        raise ConfigError(f"config.data.source={c.data.source!r}: only 'builtin' is available in this version "
+                          "(the ImageNet-scale pipeline is its own issue)")
     for name in ("log_every_steps", "checkpoint_every_steps"):
         if c[name] <= 0:
             raise ConfigError(f"config.{name}={c[name]} must be > 0")

@@ -104,3 +104,18 @@ def test_online_branch_sees_visible_patches_only(siamese):
 def test_target_branch_shape(siamese):
     out = siamese.target_tokens(jnp.zeros((2, 32, 32, 3)) + jnp.arange(3.0))
     assert out.shape == (2, 16, 32) and out.dtype == jnp.float32
+
+
+def test_bf16_compute_keeps_float32_parameters_and_residual_stream():
+    from siim_jax.models.vit import Block
+    block = Block(16, 2, 4.0, dtype=jnp.bfloat16, rngs=nnx.Rngs(5))
+    assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(nnx.state(block, nnx.Param)))
+    x = jnp.asarray(np.random.default_rng(5).normal(size=(2, 5, 16)), jnp.float32)
+    out = block(x)
+    assert out.dtype == jnp.float32
+    _, state = nnx.split(block)
+    reference = nnx.merge(*nnx.split(Block(16, 2, 4.0, dtype=jnp.float32, rngs=nnx.Rngs(5))))
+    nnx.update(reference, state)
+    full = np.asarray(reference(x))
+    error = np.abs(np.asarray(out) - full).max()
+    assert 0 < error < 0.1  # bf16 matmuls: close to, but not bit-equal with, float32

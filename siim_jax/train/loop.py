@@ -10,6 +10,7 @@ import logging
 import math
 import os
 import signal
+import threading
 import time
 
 import jax
@@ -73,7 +74,9 @@ class StopRequest:
 
     def __init__(self):
         self.signal = None
-        self.previous = {s: signal.signal(s, self._handle) for s in (signal.SIGTERM, signal.SIGINT)}
+        self.previous = {}
+        if threading.current_thread() is threading.main_thread():  # handlers can only be set there
+            self.previous = {s: signal.signal(s, self._handle) for s in (signal.SIGTERM, signal.SIGINT)}
 
     def _handle(self, signum, _frame):
         if self.signal is not None and signum == signal.SIGINT:
@@ -122,8 +125,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, stop_at_
     with a step budget per allocation.
     """
     config_lib.validate(config)
-    if config.data.source != "builtin":
-        raise config_lib.ConfigError(f"config.data.source={config.data.source!r}: only 'builtin' is available in this version")
     os.makedirs(workdir, exist_ok=True)
     with open(os.path.join(workdir, "config.json"), "w") as f:
         f.write(config.to_json_best_effort(indent=2))
@@ -132,8 +133,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, stop_at_
     mesh = create_mesh(config.mesh)
     data_shards = math.prod(mesh.shape[a] for a in ("data", "fsdp"))
     if config.batch_size % (data_shards * config.grad_accum_steps):
-        raise config_lib.ConfigError(f"config.batch_size={config.batch_size} must be divisible by the {data_shards} data "
-                         f"shards times config.grad_accum_steps={config.grad_accum_steps}")
+        raise config_lib.ConfigError(
+            f"config.batch_size={config.batch_size} must be divisible by the {data_shards} data shards times "
+            f"config.grad_accum_steps={config.grad_accum_steps}")
     patch = config_lib.VIT_VARIANTS[config.model.variant][3]
 
     log.info("generating %d built-in images", config.data.num_train)
