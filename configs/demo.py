@@ -16,7 +16,6 @@ def get_config():
     c = base_config()
     c.batch_size = 64
     c.total_steps = 1500
-    c.warmup_epochs = 40  # unused: warmup_steps is set
     c.warmup_steps = 50
     c.log_every_steps = 25
     c.checkpoint_every_steps = 500
