@@ -58,7 +58,6 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.online_ln = False  # frozen non-affine LayerNorm on the predictions
     c.model.train_patch_embed = False
     c.model.init_values = 0.0  # layer scale; 0 = off
-    c.model.drop_path = 0.0
     c.model.dtype = "bfloat16"  # compute dtype; parameters and optimiser state stay float32
     # MAE baseline (loss_type="mae"), SPEC section 3.
     c.model.mae_mask_ratio = 0.75
