@@ -119,3 +119,13 @@ def test_bf16_compute_keeps_float32_parameters_and_residual_stream():
     full = np.asarray(reference(x))
     error = np.abs(np.asarray(out) - full).max()
     assert 0 < error < 0.1  # bf16 matmuls: close to, but not bit-equal with, float32
+
+
+def test_layer_scale_multiplies_each_residual_branch():
+    from siim_jax.models.vit import Block
+    block = Block(8, 2, 4.0, init_values=0.1, dtype=jnp.float32, rngs=nnx.Rngs(6))
+    x = jnp.asarray(np.random.default_rng(6).normal(size=(2, 3, 8)), jnp.float32)
+    h = x + 0.1 * block.attn(block.norm1(x))
+    expected = h + 0.1 * block.mlp(block.norm2(h))
+    np.testing.assert_allclose(np.asarray(block(x)), np.asarray(expected), rtol=1e-6, atol=1e-6)
+    assert np.asarray(block.ls1[...]).shape == (8,)
