@@ -42,6 +42,14 @@ def test_interrupt_and_resume_gives_the_same_losses(tmp_path):
     # the losses actually change from step to step, so equality above is not vacuous
     assert len({round(v, 6) for v in expected.values()}) == 6
 
+    # A checkpoint written on one mesh resumes on another (8-way data parallel -> 2x2x2).
+    other_mesh = str(tmp_path / "other_mesh")
+    train_and_evaluate(config, other_mesh, stop_at_step=3)
+    remeshed = tiny_config(**{"mesh.data": 2, "mesh.fsdp": 2, "mesh.tensor": 2})
+    assert train_and_evaluate(remeshed, other_mesh)["step"] == 6
+    moved = losses(other_mesh)
+    np.testing.assert_allclose([moved[s] for s in range(1, 7)], [expected[s] for s in range(1, 7)], rtol=1e-4)
+
 
 def test_checkpoint_of_another_model_is_a_readable_error(tmp_path):
     train_and_evaluate(tiny_config(total_steps=2, warmup_steps=1), str(tmp_path))

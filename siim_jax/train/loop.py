@@ -174,7 +174,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, stop_at_
                             config.data.num_classes)
             metrics_writer.write(step, {"knn_top1": top1})
             log.info("step %d: knn_top1 %.4f", step, top1)
-            return top1
 
         if start == 0:
             run_knn(0)
