@@ -24,16 +24,39 @@ def main(argv):
     py_logging.getLogger("siim_jax").setLevel(py_logging.INFO)
     py_logging.getLogger("siim_jax").info("devices: %s", jax.devices())
     try:
-        summary = train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+        config = _CONFIG.value
+        config.seed  # a recipe that failed to load raises here
+    except OSError as error:
+        print(f"error: {error}", file=sys.stderr, flush=True)
+        sys.exit(2)
+    try:
+        summary = train_and_evaluate(config, _WORKDIR.value)
     except (ConfigError, CheckpointMismatchError, NonFiniteLossError) as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         sys.exit(1)
     print(format_summary(summary), flush=True)
 
 
+def _root_message(error: BaseException) -> str:
+    """The innermost message of an exception that wraps others in its args (as ml_collections does)."""
+    while error.args and isinstance(error.args[0], BaseException):
+        error = error.args[0]
+    return str(error.args[0]) if error.args else str(error)
+
+
+def _parse_flags(argv):
+    """absl flag parsing that reports a bad recipe file or --config override in one line, with no traceback."""
+    try:
+        return flags.FLAGS(argv)
+    except (flags.Error, AttributeError, KeyError, TypeError, ValueError) as error:
+        print(f"error: {_root_message(error)}\nusage: python -m siim_jax.train --config configs/<recipe>.py "
+              "--workdir <dir> [--config.key=value ...]", file=sys.stderr, flush=True)
+        sys.exit(2)
+
+
 def run():
     """Console-script entry point (`siim-jax-train`)."""
-    app.run(main)
+    app.run(main, flags_parser=_parse_flags)
 
 
 if __name__ == "__main__":
