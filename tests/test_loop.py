@@ -33,6 +33,8 @@ def test_interrupt_and_resume_gives_the_same_losses(tmp_path):
     first = train_and_evaluate(config, split, stop_at_step=3)
     assert first["interrupted"] and first["step"] == 3
     assert os.path.isdir(os.path.join(split, "checkpoints", "3"))
+    with open(os.path.join(split, "metrics.jsonl"), "a") as f:
+        f.write('{"step": 4, "loss": 1.0}\n{"step": 5, "lo')  # logged past the checkpoint, then a crash
     second = train_and_evaluate(config, split)
     assert second["step"] == 6 and not second["interrupted"]
 

@@ -39,22 +39,34 @@ class NonFiniteLossError(RuntimeError):
 
 
 class MetricsWriter:
-    """metrics.jsonl (one JSON object per record) and TensorBoard scalars in the workdir."""
+    """metrics.jsonl (one JSON object per record) and TensorBoard scalars in the workdir, written by process 0;
+    every process keeps the records in memory."""
 
     def __init__(self, workdir: str, resume_step: int | None):
         self.path = os.path.join(workdir, "metrics.jsonl")
-        if resume_step is not None and os.path.exists(self.path):  # drop records the checkpoint does not cover
+        self.enabled = jax.process_index() == 0
+        self.kept = []
+        if self.enabled and resume_step is not None and os.path.exists(self.path):
+            # keep what the checkpoint covers; a line cut short by a crash is dropped
             with open(self.path) as f:
-                kept = [line for line in f if json.loads(line)["step"] <= resume_step]
+                for line in f:
+                    try:
+                        record = json.loads(line)
+                    except json.JSONDecodeError:
+                        continue
+                    if record["step"] <= resume_step:
+                        self.kept.append(record)
+        if self.enabled:
             with open(self.path, "w") as f:
-                f.writelines(kept)
-        elif resume_step is None and os.path.exists(self.path):
-            os.remove(self.path)
-        from tensorboardX import SummaryWriter
-        self.tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+                f.writelines(json.dumps(r) + "\n" for r in self.kept)
+            from tensorboardX import SummaryWriter
+            self.tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
 
     def write(self, step: int, values: dict) -> None:
         record = {"step": int(step), **{k: float(v) for k, v in values.items()}}
+        self.kept.append(record)
+        if not self.enabled:
+            return
         with open(self.path, "a") as f:
             f.write(json.dumps(record) + "\n")
         for k, v in values.items():
@@ -62,11 +74,11 @@ class MetricsWriter:
         self.tb.flush()
 
     def records(self) -> list[dict]:
-        with open(self.path) as f:
-            return [json.loads(line) for line in f]
+        return list(self.kept)
 
     def close(self) -> None:
-        self.tb.close()
+        if self.enabled:
+            self.tb.close()
 
 
 class StopRequest:
@@ -108,13 +120,19 @@ def make_feature_fn(config, graphdef, mesh, shardings):
                                      batch_sharding(mesh, rules, 4)))
 
 
-def extract_features(feature_fn, state, images: np.ndarray, batch: int, multiple: int) -> np.ndarray:
-    batch = math.ceil(batch / multiple) * multiple
+def extract_features(feature_fn, state, images: np.ndarray, batch: int, mesh, rules) -> np.ndarray:
+    """Features (N, D) of host images (N, H, W, 3), the same on every process; each process feeds its slice of
+    every (padded) batch."""
+    shards = math.prod(mesh.shape[a] for a in ("data", "fsdp")) * jax.process_count()
+    batch = math.ceil(batch / shards) * shards
+    local = batch // jax.process_count()
+    first = jax.process_index() * local
     out = []
     for start in range(0, len(images), batch):
         chunk = images[start:start + batch]
         padded = np.concatenate([chunk, np.zeros((batch - len(chunk),) + chunk.shape[1:], chunk.dtype)])
-        out.append(np.asarray(feature_fn(state.params, state.ema_params, state.batch_stats, padded))[:len(chunk)])
+        inputs = global_batch({"images": padded[first:first + local]}, mesh, rules)["images"]
+        out.append(np.asarray(feature_fn(state.params, state.ema_params, state.batch_stats, inputs))[:len(chunk)])
     return np.concatenate(out)
 
 
@@ -126,8 +144,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, stop_at_
     """
     config_lib.validate(config)
     os.makedirs(workdir, exist_ok=True)
-    with open(os.path.join(workdir, "config.json"), "w") as f:
-        f.write(config.to_json_best_effort(indent=2))
+    if jax.process_index() == 0:
+        with open(os.path.join(workdir, "config.json"), "w") as f:
+            f.write(config.to_json_best_effort(indent=2))
 
     rules = config.mesh.logical_axis_rules
     mesh = create_mesh(config.mesh)
@@ -167,7 +186,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, stop_at_
                                                          config.data.num_classes, offset=config.data.num_train)
 
         def run_knn(step):
-            kw = dict(batch=config.knn.batch_size, multiple=data_shards)
+            kw = dict(batch=config.knn.batch_size, mesh=mesh, rules=rules)
             bank = extract_features(feature_fn, state, images[:bank_n], **kw)
             queries = extract_features(feature_fn, state, query_images, **kw)
             top1 = knn_top1(bank, labels[:bank_n], queries, query_labels, config.knn.k, config.knn.temperature,
@@ -193,7 +212,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, stop_at_
         pending = []
 
     progress = tqdm.tqdm(total=length.total_steps, initial=start, desc="pretrain", unit="step",
-                         dynamic_ncols=True, mininterval=1.0)
+                         dynamic_ncols=True, mininterval=1.0, disable=jax.process_index() != 0)
     interrupted = False
     try:
         timer, timed_steps = None, 0  # throughput over training steps only: no compilation, k-NN or saving
