@@ -91,6 +91,12 @@ def batch_sharding(mesh: Mesh, rules, ndim: int) -> NamedSharding:
     return NamedSharding(mesh, spec)
 
 
+def batch_shards(mesh: Mesh, rules) -> int:
+    """How many ways batch_sharding splits the batch dimension (the product of the mesh axes `batch` maps to)."""
+    axes = batch_sharding(mesh, rules, 1).spec[0] or ()
+    return math.prod(mesh.shape[a] for a in ((axes,) if isinstance(axes, str) else axes))
+
+
 def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, PartitionSpec())
 

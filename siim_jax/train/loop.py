@@ -25,7 +25,7 @@ from siim_jax.data.builtin import make_builtin_images
 from siim_jax.data.photometric import normalize
 from siim_jax.data.pipeline import TwoViewBatches
 from siim_jax.eval.knn import knn_top1
-from siim_jax.parallel.sharding import batch_sharding, create_mesh, global_batch, replicated
+from siim_jax.parallel.sharding import batch_sharding, batch_shards, create_mesh, global_batch, replicated
 from siim_jax.train.checkpoint import Checkpointer, abstract_like
 from siim_jax.train.schedules import ema_momentum_fn, learning_rate_fn, training_length
 from siim_jax.train.state import init_train_state, merge_params
@@ -123,7 +123,7 @@ def make_feature_fn(config, graphdef, mesh, shardings):
 def extract_features(feature_fn, state, images: np.ndarray, batch: int, mesh, rules) -> np.ndarray:
     """Features (N, D) of host images (N, H, W, 3), the same on every process; each process feeds its slice of
     every (padded) batch."""
-    shards = math.prod(mesh.shape[a] for a in ("data", "fsdp")) * jax.process_count()
+    shards = math.lcm(batch_shards(mesh, rules), jax.process_count())
     batch = math.ceil(batch / shards) * shards
     local = batch // jax.process_count()
     first = jax.process_index() * local
@@ -150,7 +150,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, stop_at_
 
     rules = config.mesh.logical_axis_rules
     mesh = create_mesh(config.mesh)
-    data_shards = math.prod(mesh.shape[a] for a in ("data", "fsdp"))
+    data_shards = batch_shards(mesh, rules)
     if config.batch_size % (data_shards * config.grad_accum_steps):
         raise config_lib.ConfigError(
             f"config.batch_size={config.batch_size} must be divisible by the {data_shards} data shards times "

@@ -25,14 +25,14 @@ def training_length(config: ml_collections.ConfigDict, num_train: int) -> Traini
     else:
         if steps_per_epoch == 0:
             raise ConfigError(f"config.batch_size={config.batch_size} exceeds the {num_train} training examples; "
-                             "lower it or set config.total_steps")
+                              "lower it or set config.total_steps")
         total = config.epochs * steps_per_epoch
         warmup = config.warmup_epochs * steps_per_epoch
     if config.warmup_steps >= 0:
         warmup = config.warmup_steps
     if not 0 <= warmup < total:
         raise ConfigError(f"warmup of {warmup} steps must be shorter than the {total} training steps; "
-                         "adjust config.warmup_epochs or config.warmup_steps")
+                          "adjust config.warmup_epochs or config.warmup_steps")
     return TrainingLength(total, warmup, max(steps_per_epoch, 1))
 
 
