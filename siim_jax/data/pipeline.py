@@ -1,31 +1,47 @@
 """Deterministic, resumable two-view batches for the SiameseIM train step.
 
 A batch is a dict of NumPy arrays: view1 uint8 (B,S,S,3), view2 uint8 (B,S,S,3), geometry float32 (B,6)
-(fields `views.GEOMETRY_FIELDS`), mask bool (B, g*g) with g = S // patch_size and exactly num_masked True per row.
+(fields `views.GEOMETRY_FIELDS`), mask bool (B, g*g) with g = S // patch_size and exactly num_masked True per row;
+plus `skipped`, a tuple of the descriptions of examples that could not be decoded and were replaced (host-side
+bookkeeping: remove it before sending the batch to the devices).
 """
 
 import collections
 import concurrent.futures
+import logging
 
 import numpy as np
 
 from siim_jax.data.masks import block_mask
+from siim_jax.data.sources import ArraySource, BadImageError, open_image, to_rgb
 from siim_jax.data.views import sample_two_views
+
+log = logging.getLogger(__name__)
+
+MAX_REPLACEMENTS = 64  # consecutive undecodable examples before the pipeline gives up on a slot
+
+
+class TooManyBadImagesError(RuntimeError):
+    pass
 
 
 class TwoViewBatches:
-    """Batches as a pure function of (seed, step, process_index).
+    """Batches as a pure function of (seed, step, process_index), over any random-access source.
 
     Step `step` of epoch e = step // steps_per_epoch takes a contiguous window of batch_size * process_count
     examples of the permutation `default_rng([seed, e]).permutation(n)` (the last partial window is dropped);
-    process p takes its slice [p*batch_size, (p+1)*batch_size). Example at global position q of the step
-    uses `default_rng([seed, step, q])` for its views and mask.
+    process p takes its slice [p*batch_size, (p+1)*batch_size), so no two processes read the same example and
+    the global batch of a step does not depend on the number of processes. The example at global position q of
+    the step uses `default_rng([seed, step, q])` for its views and mask. An example that cannot be decoded is
+    logged, counted and replaced by the example `default_rng([seed, step, q, a]).integers(n)` (attempt a = 1, 2,
+    ...), drawn with that generator's views and mask: the stream stays deterministic and shapes static.
+    `images` is a source (`siim_jax.data.sources`) or a uint8 (N, H, W, 3) array.
     """
 
-    def __init__(self, images: np.ndarray, batch_size: int, out_size: int, patch_size: int, num_masked: int,
+    def __init__(self, images, batch_size: int, out_size: int, patch_size: int, num_masked: int,
                  crop_min: float, seed: int, process_index: int = 0, process_count: int = 1,
                  num_threads: int = 2):
-        self.images = images
+        self.source = ArraySource(images) if isinstance(images, np.ndarray) else images
         self.batch_size = batch_size
         self.out_size = out_size
         self.grid = out_size // patch_size
@@ -36,18 +52,37 @@ class TwoViewBatches:
         self.process_count = process_count
         self.num_threads = num_threads
         self.global_batch = batch_size * process_count
-        self.steps_per_epoch = len(images) // self.global_batch
+        self.steps_per_epoch = len(self.source) // self.global_batch
         if self.steps_per_epoch == 0:
-            raise ValueError(f"len(images)={len(images)} is smaller than the global batch {self.global_batch}")
+            raise ValueError(f"the source has {len(self.source)} examples, fewer than the global batch "
+                             f"{self.global_batch}")
         if not 0 <= num_masked <= self.grid * self.grid:
             raise ValueError(f"num_masked={num_masked} must be in [0, {self.grid * self.grid}]")
 
     def indices_at(self, step: int) -> np.ndarray:
-        """Image indices int64 (batch_size,) of this process's examples at `step`."""
+        """Source indices int64 (batch_size,) of this process's examples at `step` (before replacements)."""
         epoch, position = divmod(step, self.steps_per_epoch)
-        permutation = np.random.default_rng([self.seed, epoch]).permutation(len(self.images))
+        permutation = np.random.default_rng([self.seed, epoch]).permutation(len(self.source))
         start = position * self.global_batch + self.process_index * self.batch_size
         return permutation[start:start + self.batch_size]
+
+    def example(self, step: int, position: int, index: int):
+        """(view1, view2, geometry, mask, skipped descriptions) of global `position` at `step`."""
+        skipped = []
+        rng = np.random.default_rng([self.seed, step, position])
+        for attempt in range(1, MAX_REPLACEMENTS + 1):
+            try:
+                image = to_rgb(open_image(self.source.read(index)))
+                view1, view2, geometry = sample_two_views(rng, image, self.out_size, self.crop_min)
+                return view1, view2, geometry, block_mask(rng, self.grid, self.num_masked), skipped
+            except BadImageError as e:
+                name = self.source.describe(index)
+                log.warning("skipping %s: %s", name, e)
+                skipped.append(name)
+            rng = np.random.default_rng([self.seed, step, position, attempt])
+            index = int(rng.integers(len(self.source)))
+        raise TooManyBadImagesError(f"{MAX_REPLACEMENTS} undecodable examples in a row at step {step} (last: "
+                                    f"{skipped[-1]}); check config.data.source")
 
     def batch_at(self, step: int) -> dict:
         """The batch of this process at `step` (see the module docstring for the layout)."""
@@ -55,13 +90,12 @@ class TwoViewBatches:
         view2 = np.empty_like(view1)
         geometry = np.empty((self.batch_size, 6), np.float32)
         mask = np.empty((self.batch_size, self.grid * self.grid), bool)
+        skipped = []
         first = self.process_index * self.batch_size
         for b, index in enumerate(self.indices_at(step)):
-            rng = np.random.default_rng([self.seed, step, first + b])
-            view1[b], view2[b], geometry[b] = sample_two_views(rng, self.images[index], self.out_size,
-                                                               self.crop_min)
-            mask[b] = block_mask(rng, self.grid, self.num_masked)
-        return {"view1": view1, "view2": view2, "geometry": geometry, "mask": mask}
+            view1[b], view2[b], geometry[b], mask[b], bad = self.example(step, first + b, int(index))
+            skipped += bad
+        return {"view1": view1, "view2": view2, "geometry": geometry, "mask": mask, "skipped": tuple(skipped)}
 
     def iterate(self, start_step: int = 0):
         """Yields batch_at(start_step), batch_at(start_step + 1), ... computed ahead in a thread pool."""

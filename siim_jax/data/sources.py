@@ -1,0 +1,153 @@
+"""Random-access image sources for the two-view pipeline, chosen by `config.data.source`.
+
+A source is a sequence of examples: `len(source)`, `source.read(i)` (encoded file bytes, or a decoded uint8
+(H, W, 3) array), `source.describe(i)` (a file path or record id for skip reports) and `source.label(i)`
+(the int class id, or None for unlabelled data; used only by the k-NN monitor). Spellings of `config.data.source`:
+
+- `builtin`: the procedural grey-level images of `siim_jax.data.builtin` (`config.data.num_train` of them);
+- `imagefolder:<root>`: `<root>/<config.data.split>/<class>/<image>`, the layout the official code reads
+  (classes are the sorted sub-folder names; files with other extensions are ignored and counted);
+- `tfds:<name>`: a TFDS dataset prepared under `config.data.tfds_data_dir` (see `siim_jax.data.tfds_source`).
+"""
+
+import io
+import logging
+import os
+import time
+import warnings
+
+import numpy as np
+from PIL import Image
+
+log = logging.getLogger(__name__)
+
+# torchvision's ImageFolder extensions (what the official code accepts), compared case-insensitively
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
+
+
+class SourceError(ValueError):
+    """A data source that cannot be opened; the message names the bad value and the fix."""
+
+
+class BadImageError(ValueError):
+    """One example that cannot be decoded (truncated, corrupt, unsupported); the pipeline skips and counts it."""
+
+
+def open_image(data) -> Image.Image:
+    """Encoded bytes or a uint8 (H, W, 3) array -> a lazily decoded PIL image (header read, pixels not yet).
+
+    Raises BadImageError for anything PIL cannot identify.
+    """
+    if isinstance(data, np.ndarray):
+        return Image.fromarray(data)
+    try:
+        return Image.open(io.BytesIO(data))
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+        raise BadImageError(f"cannot identify image: {e}") from e
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """Decodes `image` into 8-bit RGB (greyscale, palette, CMYK, 16-bit and alpha images included; alpha is
+    dropped, as PIL's convert('RGB') in the official loader does). Raises BadImageError on truncated or corrupt
+    pixel data."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            image.load()
+            if image.mode == "RGB":
+                return image
+            if image.mode in ("I;16", "I;16B", "I;16L", "I"):  # 16/32-bit greyscale: scale to 8 bits
+                array = np.asarray(image, dtype=np.float64)
+                peak = 65535.0 if image.mode.startswith("I;16") else max(float(array.max()), 1.0)
+                image = Image.fromarray(np.clip(array * (255.0 / peak), 0, 255).astype(np.uint8))
+            return image.convert("RGB")
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombWarning, Image.DecompressionBombError) as e:
+        raise BadImageError(f"cannot decode image: {e}") from e
+
+
+def decode_rgb(data) -> np.ndarray:
+    """Encoded bytes or a uint8 array -> uint8 (H, W, 3). Raises BadImageError."""
+    return np.asarray(to_rgb(open_image(data)))
+
+
+class ArraySource:
+    """Decoded images in memory: uint8 (N, H, W, 3), with optional labels int (N,)."""
+
+    def __init__(self, images: np.ndarray, labels: np.ndarray | None = None, name: str = "array"):
+        self.images = images
+        self.labels = None if labels is None else np.asarray(labels, np.int32)
+        self.name = name
+
+    def label(self, index: int) -> int | None:
+        return None if self.labels is None else int(self.labels[index])
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def read(self, index: int) -> np.ndarray:
+        return self.images[index]
+
+    def describe(self, index: int) -> str:
+        return f"{self.name}[{index}]"
+
+
+class ImageFolderSource:
+    """Files `<root>/<split>/<class>/<image>` in sorted (class, file name) order; labels are class indices."""
+
+    def __init__(self, root: str, split: str = "train"):
+        directory = os.path.join(root, split)
+        if not os.path.isdir(directory):
+            raise SourceError(f"imagefolder: {directory!r} is not a directory; expected the layout "
+                              f"<root>/{split}/<class>/<image> (set config.data.split to change '{split}')")
+        start = time.perf_counter()
+        self.classes = sorted(e.name for e in os.scandir(directory) if e.is_dir())
+        paths, labels, ignored = [], [], 0
+        for label, name in enumerate(self.classes):
+            for entry in sorted(os.scandir(os.path.join(directory, name)), key=lambda e: e.name):
+                if entry.is_file() and entry.name.lower().endswith(IMAGE_EXTENSIONS):
+                    paths.append(entry.path)
+                    labels.append(label)
+                else:
+                    ignored += 1
+        if not paths:
+            raise SourceError(f"imagefolder: no images under {directory!r} (expected <class>/<image> files "
+                              f"with one of the extensions {', '.join(IMAGE_EXTENSIONS)})")
+        self.paths = paths
+        self.labels = np.asarray(labels, np.int32)
+        self.name = f"imagefolder:{root}"
+        log.info("imagefolder %s: %d images in %d classes (%d other entries ignored), listed in %.1f s",
+                 directory, len(paths), len(self.classes), ignored, time.perf_counter() - start)
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def read(self, index: int) -> bytes:
+        try:
+            with open(self.paths[index], "rb") as f:
+                return f.read()
+        except OSError as e:
+            raise BadImageError(f"cannot read file: {e}") from e
+
+    def describe(self, index: int) -> str:
+        return self.paths[index]
+
+    def label(self, index: int) -> int:
+        return int(self.labels[index])
+
+
+def open_source(data_config, seed: int):
+    """The source named by `data_config.source` (see the module docstring). Raises SourceError."""
+    spec = data_config.source
+    if spec == "builtin":
+        from siim_jax.data.builtin import make_builtin_images
+        log.info("generating %d built-in images", data_config.num_train)
+        images, labels = make_builtin_images(seed, data_config.num_train, data_config.raw_size,
+                                             data_config.num_classes)
+        return ArraySource(images, labels, "builtin")
+    kind, _, location = spec.partition(":")
+    if kind == "imagefolder" and location:
+        return ImageFolderSource(os.path.expanduser(location), data_config.split)
+    if kind == "tfds" and location:
+        from siim_jax.data.tfds_source import TfdsSource
+        return TfdsSource(location, data_config.split, data_config.tfds_data_dir)
+    raise SourceError(f"config.data.source={spec!r}: use 'builtin', 'imagefolder:<root>' or 'tfds:<name>'")
