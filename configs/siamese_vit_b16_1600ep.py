@@ -3,8 +3,8 @@
     python -m siim_jax.train --config configs/siamese_vit_b16_1600ep.py --workdir /path/to/workdir \
         --config.data.source=imagefolder:/path/to/imagenet
 
-(The built-in source is the only one until the ImageNet pipeline lands; there `--config.data.num_train`
-sets how many images are generated.)
+ImageNet from TFDS instead (prepared in the array_record format, see README.md):
+`--config.data.source=tfds:imagenet2012 --config.data.tfds_data_dir=/path/to/tensorflow_datasets`.
 """
 
 from siim_jax.config import base_config, lock

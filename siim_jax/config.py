@@ -81,8 +81,10 @@ def base_config() -> ml_collections.ConfigDict:
     c.ema.base_momentum = 0.995
 
     c.data = ml_collections.ConfigDict()
-    c.data.source = "builtin"
-    c.data.num_train = 1281167  # examples per epoch (builtin: how many images to generate)
+    c.data.source = "builtin"  # or "imagefolder:<root>" or "tfds:<name>" (siim_jax/data/sources.py)
+    c.data.split = "train"  # imagefolder: the sub-folder of <root>; tfds: the split
+    c.data.tfds_data_dir = ""  # tfds: where the dataset is prepared ("" = TFDS's default)
+    c.data.num_train = 1281167  # builtin: how many images to generate (other sources: their length)
     c.data.num_classes = 10  # builtin generator classes
     c.data.raw_size = 96  # builtin image side before cropping
     c.data.crop_min = 0.08
@@ -131,9 +133,14 @@ def validate(c: ml_collections.ConfigDict) -> None:
         raise ConfigError("set config.epochs > 0 or config.total_steps > 0")
     if m.dtype not in ("float32", "bfloat16", "float16"):
         raise ConfigError(f"config.model.dtype={m.dtype!r}: choose float32, bfloat16 or float16")
-    if c.data.source != "builtin":
-        raise ConfigError(f"config.data.source={c.data.source!r}: only 'builtin' is available in this version "
-                          "(the ImageNet-scale pipeline is its own issue)")
+    kind, _, location = c.data.source.partition(":")
+    if not (c.data.source == "builtin" or (kind in ("imagefolder", "tfds") and location)):
+        raise ConfigError(f"config.data.source={c.data.source!r}: use 'builtin', 'imagefolder:<root>' "
+                          "or 'tfds:<name>'")
+    if not 0 < c.data.crop_min <= 1:
+        raise ConfigError(f"config.data.crop_min={c.data.crop_min} must lie in (0, 1]")
+    if c.data.threads <= 0:
+        raise ConfigError(f"config.data.threads={c.data.threads} must be > 0")
     for name in ("log_every_steps", "checkpoint_every_steps"):
         if c[name] <= 0:
             raise ConfigError(f"config.{name}={c[name]} must be > 0")

@@ -53,7 +53,8 @@ def _one_view(rng: np.random.Generator, image: Image.Image, out_size: int, crop_
 def sample_two_views(rng: np.random.Generator, image, out_size: int, crop_min: float):
     """Two independently flipped and cropped views of `image` (uint8 (H, W, 3) array or an RGB PIL image).
 
-    Returns (view1 uint8 (S,S,3), view2 uint8 (S,S,3), geometry float32 (6,) ordered as GEOMETRY_FIELDS):
+    Returns (view1 uint8 (S,S,3), view2 uint8 (S,S,3), geometry float32 (6,) ordered as GEOMETRY_FIELDS); a
+    mirrored view is a read-only, negatively strided array (copied once, into the batch):
     view 2 relative to view 1, di = (i2-i1)/h1, dj = (j2-j1)/w1, dh = h2/h1, dw = w2/w1,
     rflip = flip1 xor flip2, dj_flip = (W-j1-j2)/w1.
     """
@@ -64,4 +65,45 @@ def sample_two_views(rng: np.random.Generator, image, out_size: int, crop_min: f
     view2, flip2, (i2, j2, h2, w2) = _one_view(rng, image, out_size, crop_min)
     geometry = np.array([(i2 - i1) / h1, (j2 - j1) / w1, h2 / h1, w2 / w1, float(flip1 != flip2),
                          (width - j1 - j2) / w1], dtype=np.float32)
-    return np.ascontiguousarray(view1), np.ascontiguousarray(view2), geometry
+    return view1, view2, geometry
+
+
+def eval_view(image: Image.Image, size: int) -> np.ndarray:
+    """The evaluation transform (SPEC section 5 at size 224: resize 256, centre crop 224), with torchvision's
+    rounding: shorter side to round(size * 256 / 224), the longer one int(scaled), bicubic, then the centred
+    size x size crop. RGB PIL image -> uint8 (size, size, 3)."""
+    width, height = image.size
+    short = round(size * 256 / 224)
+    new_w, new_h = (short, int(short * height / width)) if width <= height else (int(short * width / height), short)
+    resized = image.resize((new_w, new_h), Image.BICUBIC)
+    top, left = round((new_h - size) / 2), round((new_w - size) / 2)
+    return np.asarray(resized.crop((left, top, left + size, top + size)))
+
+
+def view2_patch_grid_coordinates(geometry, grid: int, xp=np):
+    """Where the centres of view 2's patches lie in view 1's patch-grid frame (SPEC section 2, "Relative
+    embedding"); the one implementation, shared by the model's relative embedding and the view tools.
+
+    geometry (B, 6) ordered as GEOMETRY_FIELDS -> (gh, gw), each (B, grid*grid) over view 2's patches in raster
+    order, in view-1 patch units where view-1 patch (r, c) is centred at (r, c):
+    gh = dh*(r+0.5) + di*g - 0.5, gw = dw*(c+0.5) + dj*g - 0.5, or with rflip gw = -dw*(c+0.5) + dj_flip*g - 0.5.
+    `xp` is the array module of `geometry` (numpy or jax.numpy).
+    """
+    di, dj, dh, dw, rflip, dj_flip = (geometry[:, k, None] for k in range(6))
+    rows, cols = np.divmod(np.arange(grid * grid, dtype=np.float32), grid)
+    gh = dh * (rows + 0.5) + di * grid - 0.5
+    gw_straight = dw * (cols + 0.5) + dj * grid - 0.5
+    gw_mirrored = -dw * (cols + 0.5) + dj_flip * grid - 0.5
+    return gh, xp.where(rflip > 0.5, gw_mirrored, gw_straight)
+
+
+def view2_patch_centres_in_view1(geometry, grid: int, view_size: int) -> np.ndarray:
+    """Pixel coordinates in view 1 of the centres of view 2's patches: geometry (B, 6) -> float64 (B, grid*grid, 2)
+    as (y, x), view 2's patches in raster order.
+
+    Continuous coordinates: view-1 pixel (row k, column l) covers [k, k+1) x [l, l+1), so the top-left corner of
+    view 1 is (0, 0) and its bottom-right (view_size, view_size); y = (gh + 0.5) * p, x = (gw + 0.5) * p with
+    p = view_size / grid. Points may lie outside [0, view_size) when view 2 reaches beyond view 1.
+    """
+    gh, gw = view2_patch_grid_coordinates(np.asarray(geometry, np.float64), grid)
+    return np.stack([gh + 0.5, gw + 0.5], axis=-1) * (view_size / grid)

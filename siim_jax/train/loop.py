@@ -1,10 +1,12 @@
 """train_and_evaluate(config, workdir): the pretraining loop with checkpoints, resume, monitoring and k-NN.
 
-Data flows one way: source -> host crops (TwoViewBatches) -> global device batch -> jitted step -> metrics and
-checkpoints. The batch stream is a pure function of (seed, step), so a resumed run sees exactly the batches an
-uninterrupted run would have seen.
+Data flows one way: source -> host decode and crops (TwoViewBatches, a thread pool) -> global device batches
+(prefetched) -> jitted step (photometric augmentation on device) -> metrics and checkpoints. The batch stream is
+a pure function of (seed, step), so a resumed run sees exactly the batches an uninterrupted run would have seen
+(siim_jax/data/pipeline.py says what exactly is guaranteed).
 """
 
+import collections
 import json
 import logging
 import math
@@ -24,6 +26,8 @@ from siim_jax import config as config_lib
 from siim_jax.data.builtin import make_builtin_images
 from siim_jax.data.photometric import normalize
 from siim_jax.data.pipeline import TwoViewBatches
+from siim_jax.data.sources import ArraySource, BadImageError, open_image, open_source, to_rgb
+from siim_jax.data.views import eval_view
 from siim_jax.eval.knn import knn_top1
 from siim_jax.parallel.sharding import batch_sharding, batch_shards, create_mesh, global_batch, replicated
 from siim_jax.train.checkpoint import Checkpointer, abstract_like
@@ -136,6 +140,49 @@ def extract_features(feature_fn, state, images: np.ndarray, batch: int, mesh, ru
     return np.concatenate(out)
 
 
+def knn_sets(config: ml_collections.ConfigDict, source):
+    """(bank images, bank labels, query images, query labels) for the k-NN monitor, or None without labels.
+
+    Built-in source: the first knn.num_bank training images, and knn.num_query freshly generated held-out images.
+    Other sources: two disjoint random subsets of the (labelled) training source, each image resized (shorter
+    side to image_size * 256/224, bicubic) and centre-cropped to image_size, as the official evaluations do;
+    undecodable images are left out.
+    """
+    if isinstance(source, ArraySource) and source.name == "builtin":
+        bank_n = min(config.knn.num_bank, len(source))
+        queries, query_labels = make_builtin_images(config.seed, config.knn.num_query, config.data.raw_size,
+                                                    config.data.num_classes, offset=len(source))
+        return source.images[:bank_n], source.labels[:bank_n], queries, query_labels
+    if source.label(0) is None:
+        log.warning("k-NN monitor off: %s has no labels", config.data.source)
+        return None
+    total = min(config.knn.num_bank + config.knn.num_query, len(source))
+    chosen = np.random.default_rng([config.seed, 1]).choice(len(source), total, replace=False)
+    images, labels = [], []
+    for index in tqdm.tqdm(chosen, desc="k-NN images", disable=jax.process_index() != 0, mininterval=2.0):
+        try:
+            images.append(eval_view(to_rgb(open_image(source.read(int(index)))), config.model.image_size))
+            labels.append(source.label(int(index)))
+        except BadImageError as e:
+            log.warning("k-NN monitor: skipping %s: %s", source.describe(int(index)), e)
+    images, labels = np.stack(images), np.asarray(labels, np.int32)
+    bank_n = len(images) * config.knn.num_bank // total
+    return images[:bank_n], labels[:bank_n], images[bank_n:], labels[bank_n:]
+
+
+def device_prefetch(host_batches, mesh, rules, size: int = 2):
+    """Yields (global device batch, skipped-file descriptions), with the next `size` batches already on their
+    way to the devices while the current step runs."""
+    queue = collections.deque()
+    for batch in host_batches:
+        skipped = batch.pop("skipped", ())
+        queue.append((global_batch(batch, mesh, rules), skipped))
+        if len(queue) > size:
+            yield queue.popleft()
+    while queue:
+        yield queue.popleft()
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, stop_at_step: int | None = None) -> dict:
     """Pretrains per `config` in `workdir`, resuming from its newest checkpoint. Returns a summary dict.
 
@@ -157,15 +204,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, stop_at_
             f"config.grad_accum_steps={config.grad_accum_steps}")
     patch = config_lib.VIT_VARIANTS[config.model.variant][3]
 
-    log.info("generating %d built-in images", config.data.num_train)
-    images, labels = make_builtin_images(config.seed, config.data.num_train, config.data.raw_size,
-                                         config.data.num_classes)
-    batches = TwoViewBatches(images, config.batch_size // jax.process_count(), config.model.image_size, patch,
+    source = open_source(config.data, config.seed)
+    batches = TwoViewBatches(source, config.batch_size // jax.process_count(), config.model.image_size, patch,
                              config.data.num_masked, config.data.crop_min, config.seed,
                              process_index=jax.process_index(), process_count=jax.process_count(),
                              num_threads=config.data.threads)
 
-    length = training_length(config, config.data.num_train)
+    length = training_length(config, len(source))
     lr_fn, momentum_fn = learning_rate_fn(config, length), ema_momentum_fn(config, length)
     graphdef, tx, state, shardings = init_train_state(config, mesh, lr_fn)
     checkpoints = Checkpointer(workdir, config)
@@ -175,22 +220,27 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, stop_at_
         state = checkpoints.restore(resume_step, abstract_like(state, shardings))
     start = int(state.step)
     metrics_writer = MetricsWriter(workdir, resume_step)
+    # undecodable examples replaced so far (this process), carried over a resume through the metrics
+    skipped_total = max([0] + [r["data_skipped_total"] for r in metrics_writer.records()
+                               if "data_skipped_total" in r])
 
     train_step = jit_train_step(config, graphdef, tx, lr_fn, momentum_fn, mesh, shardings)
 
     knn_enabled = config.eval_every_steps > 0
     if knn_enabled:
+        sets = knn_sets(config, source)
+        knn_enabled = sets is not None
+    if knn_enabled:
         feature_fn = make_feature_fn(config, graphdef, mesh, shardings)
-        bank_n = min(config.knn.num_bank, len(images))
-        query_images, query_labels = make_builtin_images(config.seed, config.knn.num_query, config.data.raw_size,
-                                                         config.data.num_classes, offset=config.data.num_train)
+        bank_images, bank_labels, query_images, query_labels = sets
+        num_classes = int(max(bank_labels.max(), query_labels.max())) + 1
 
         def run_knn(step):
             kw = dict(batch=config.knn.batch_size, mesh=mesh, rules=rules)
-            bank = extract_features(feature_fn, state, images[:bank_n], **kw)
+            bank = extract_features(feature_fn, state, bank_images, **kw)
             queries = extract_features(feature_fn, state, query_images, **kw)
-            top1 = knn_top1(bank, labels[:bank_n], queries, query_labels, config.knn.k, config.knn.temperature,
-                            config.data.num_classes)
+            top1 = knn_top1(bank, bank_labels, queries, query_labels, config.knn.k, config.knn.temperature,
+                            num_classes)
             metrics_writer.write(step, {"knn_top1": top1})
             log.info("step %d: knn_top1 %.4f", step, top1)
 
@@ -216,8 +266,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, stop_at_
     interrupted = False
     try:
         timer, timed_steps = None, 0  # throughput over training steps only: no compilation, k-NN or saving
-        for step_index, batch in zip(range(start, length.total_steps), batches.iterate(start)):
-            state, metrics = train_step(state, global_batch(batch, mesh, rules))
+        device_batches = device_prefetch(batches.iterate(start), mesh, rules)
+        for step_index, (batch, skipped) in zip(range(start, length.total_steps), device_batches):
+            state, metrics = train_step(state, batch)
+            skipped_total += len(skipped)
             step = step_index + 1
             pending.append((step, metrics))
             progress.update(1)
@@ -232,7 +284,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, stop_at_
                 jax.block_until_ready(metrics)
                 rate = timed_steps * config.batch_size / (time.perf_counter() - timer) if timed_steps else math.nan
                 check_pending()
-                metrics_writer.write(step, {**last_good, "images_per_sec": rate})
+                metrics_writer.write(step, {**last_good, "images_per_sec": rate,
+                                            "data_skipped_total": skipped_total})
                 progress.set_postfix(loss=f"{last_good['loss']:.4f}", img_s=f"{rate:.1f}")
                 reset_timer = True
             if knn_enabled and (step % config.eval_every_steps == 0 or is_last):
@@ -260,6 +313,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, stop_at_
     summary = {"step": final_step, "total_steps": length.total_steps, "interrupted": interrupted,
                "final_loss": logged_losses[-1] if logged_losses else math.nan,
                "knn_top1_start": knn[0] if knn else None, "knn_top1_end": knn[-1] if knn else None,
+               "data_skipped_total": skipped_total,
                "checkpoint": checkpoints.path(final_step), "workdir": os.path.abspath(workdir)}
     return summary
 
@@ -268,5 +322,6 @@ def format_summary(s: dict) -> str:
     knn = (f"knn_top1 {s['knn_top1_start']:.3f} (step 0) -> {s['knn_top1_end']:.3f} (step {s['step']})"
            if s["knn_top1_start"] is not None else "knn off")
     status = "interrupted at" if s["interrupted"] else "done:"
-    return (f"{status} step {s['step']}/{s['total_steps']}, final loss {s['final_loss']:.4f}, {knn}, "
+    skipped = f", {s['data_skipped_total']} undecodable images skipped" if s.get("data_skipped_total") else ""
+    return (f"{status} step {s['step']}/{s['total_steps']}, final loss {s['final_loss']:.4f}, {knn}{skipped}, "
             f"checkpoint {s['checkpoint']}")
