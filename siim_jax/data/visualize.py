@@ -24,6 +24,7 @@ from ml_collections import config_flags
 from PIL import Image, ImageDraw, ImageFont
 
 from siim_jax import config as config_lib
+from siim_jax.cli import fail, flags_parser
 from siim_jax.data.pipeline import TooManyBadImagesError, TwoViewBatches
 from siim_jax.data.sources import SourceError, open_source
 from siim_jax.data.views import view2_patch_centres_in_view1
@@ -236,48 +237,25 @@ def write_png(image: Image.Image, path: str) -> str:
 
 def main(argv):
     if len(argv) > 1:
-        _fail(f"unexpected arguments: {argv[1:]}", 2)
+        fail(f"unexpected arguments: {argv[1:]}", 2, USAGE)
     try:
         config = _CONFIG.value
         config.seed  # noqa: B018 (a recipe that failed to load raises here)
     except OSError as error:
-        _fail(str(error), 2)
+        fail(str(error), 2, USAGE)
     if _NUM.value > config.batch_size:
-        _fail(f"--num={_NUM.value} exceeds the batch size config.batch_size={config.batch_size}", 2)
+        fail(f"--num={_NUM.value} exceeds the batch size config.batch_size={config.batch_size}", 2, USAGE)
     try:
         pairs = sample_pairs(config, _NUM.value, _STEP.value)
         scale = _SCALE.value or default_scale(config.model.image_size)
         path = write_png(render_pairs(pairs, scale), _OUT.value)
     except (config_lib.ConfigError, SourceError, TooManyBadImagesError, OSError) as error:
-        _fail(str(error), 1)
+        fail(str(error), 1)
     print(path, flush=True)
 
 
-def _fail(message: str, status: int):
-    """Prints `message` as one line (and the usage line for status 2) to stderr, then exits with `status`."""
-    print("error: " + " ".join(message.split()), file=sys.stderr, flush=True)
-    if status == 2:
-        print(USAGE, file=sys.stderr, flush=True)
-    sys.exit(status)
-
-
-def _root_message(error: BaseException) -> str:
-    """The innermost message of an exception that wraps others in its args (as ml_collections does)."""
-    while error.args and isinstance(error.args[0], BaseException):
-        error = error.args[0]
-    return str(error.args[0]) if error.args else str(error)
-
-
-def _parse_flags(argv):
-    """absl flag parsing that reports a bad recipe file or flag in one line (plus usage), exit status 2."""
-    try:
-        return flags.FLAGS(argv)
-    except (flags.Error, AttributeError, KeyError, TypeError, ValueError) as error:
-        _fail(_root_message(error), 2)
-
-
 def run():
-    app.run(main, flags_parser=_parse_flags)
+    app.run(main, flags_parser=flags_parser(USAGE))
 
 
 if __name__ == "__main__":

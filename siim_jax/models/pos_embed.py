@@ -4,6 +4,8 @@ tells the online branch where view 2's patches lie in view 1's frame."""
 import jax.numpy as jnp
 import numpy as np
 
+from siim_jax.data.views import view2_patch_grid_coordinates
+
 
 def sincos_1d(positions, width: int):
     """[sin(p*w), cos(p*w)] with w_k = 10000^(-k/(width/2)); positions (...,) -> (..., width)."""
@@ -34,17 +36,14 @@ def relative_position_embedding(geometry: jnp.ndarray, width: int, grid: int) ->
 
     geometry rows are [di, dj, dh, dw, rflip, dj_flip] (siim_jax.data.views.GEOMETRY_FIELDS). A view-2 patch
     (r, c) lies at gh = dh*(r+0.5) + di*g - 0.5 and gw = dw*(c+0.5) + dj*g - 0.5 (mirrored:
-    gw = -dw*(c+0.5) + dj_flip*g - 0.5) in view-1 patch units; scale terms use 10*ln(dh), 10*ln(dw).
+    gw = -dw*(c+0.5) + dj_flip*g - 0.5) in view-1 patch units (`views.view2_patch_grid_coordinates`); scale
+    terms use 10*ln(dh), 10*ln(dw).
     """
     if width % 4:
         raise ValueError(f"decoder width {width} must be a multiple of 4")
-    geometry = geometry.astype(jnp.float32)
-    di, dj, dh, dw, rflip, dj_flip = (geometry[:, k, None] for k in range(6))
-    rows, cols = np.divmod(np.arange(grid * grid, dtype=np.float32), grid)
-    gh = dh * (rows + 0.5) + di * grid - 0.5
-    gw_straight = dw * (cols + 0.5) + dj * grid - 0.5
-    gw_mirrored = -dw * (cols + 0.5) + dj_flip * grid - 0.5
-    gw = jnp.where(rflip > 0.5, gw_mirrored, gw_straight)
+    geometry = jnp.asarray(geometry, jnp.float32)
+    gh, gw = view2_patch_grid_coordinates(geometry, grid, xp=jnp)
+    dh, dw = geometry[:, 2, None], geometry[:, 3, None]
     num = gh.shape[1]
     log_h = jnp.broadcast_to(10.0 * jnp.log(dh), (dh.shape[0], num))
     log_w = jnp.broadcast_to(10.0 * jnp.log(dw), (dw.shape[0], num))

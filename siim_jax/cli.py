@@ -1,0 +1,36 @@
+"""Shared command-line plumbing: one-line errors with fixed exit statuses, no tracebacks for bad input.
+
+Exit status 2: bad command line (unknown flag, bad --config override, unreadable recipe); 1: the job could not
+run (bad config value, bad data source, checkpoint mismatch, ...).
+"""
+
+import sys
+
+from absl import flags
+
+
+def fail(message: str, status: int, usage: str | None = None):
+    """Prints `error: <message>` on one line (and `usage` if given) to stderr, then exits with `status`."""
+    print("error: " + " ".join(str(message).split()), file=sys.stderr, flush=True)
+    if usage:
+        print(usage, file=sys.stderr, flush=True)
+    sys.exit(status)
+
+
+def root_message(error: BaseException) -> str:
+    """The innermost message of an exception that wraps others in its args (as ml_collections does)."""
+    while error.args and isinstance(error.args[0], BaseException):
+        error = error.args[0]
+    return str(error.args[0]) if error.args else str(error)
+
+
+def flags_parser(usage: str):
+    """An absl `flags_parser` for app.run that reports a bad recipe file or flag in one line, exit status 2."""
+
+    def parse(argv):
+        try:
+            return flags.FLAGS(argv)
+        except (flags.Error, AttributeError, KeyError, TypeError, ValueError) as error:
+            fail(root_message(error), 2, usage)
+
+    return parse
