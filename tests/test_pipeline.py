@@ -47,8 +47,9 @@ def test_epoch_is_a_permutation():
 def test_iterate_resumes_exactly():
     data = _batches(num_threads=2)
     for start in (0, 7):
-        for step, batch in zip(range(start, start + 5), data.iterate(start)):
+        for step, (batch, skipped) in zip(range(start, start + 5), data.iterate(start)):
             _assert_batch_equal(batch, data.batch_at(step))
+            assert skipped == ()
 
 
 def test_processes_split_the_global_batch():

@@ -2,6 +2,7 @@
 
 import concurrent.futures
 import io
+import json
 import os
 import subprocess
 import sys
@@ -154,12 +155,12 @@ def test_two_processes_read_disjoint_halves_of_the_one_process_batch(source):
         first, second = (half.indices_at(step) for half in halves)
         assert not set(first) & set(second)
         np.testing.assert_array_equal(np.concatenate([first, second]), single.indices_at(step))
-        whole, parts = single.batch_at(step), [half.batch_at(step) for half in halves]
+        (whole, skipped), parts = single.batch_and_skipped(step), [h.batch_and_skipped(step) for h in halves]
         for key in ("view1", "view2", "geometry", "mask"):
-            np.testing.assert_array_equal(np.concatenate([parts[0][key], parts[1][key]]), whole[key])
-        assert whole["skipped"] == parts[0]["skipped"] + parts[1]["skipped"]
+            np.testing.assert_array_equal(np.concatenate([parts[0][0][key], parts[1][0][key]]), whole[key])
+        assert skipped == parts[0][1] + parts[1][1]
         if truncated_index in single.indices_at(step):  # the undecodable record is reported and replaced
-            assert f"tfds:{NAME}/train[{truncated_index}]" in whole["skipped"]
+            assert f"tfds:{NAME}/train[{truncated_index}]" in skipped
             saw_truncated = True
     assert saw_truncated
 
@@ -211,3 +212,21 @@ def test_reading_does_not_import_tensorflow(data_dir):
                f"s = TfdsSource({NAME!r}, 'train', {data_dir!r}); s.read(0); s.label(0); "
                f"assert 'tensorflow' not in sys.modules, 'tensorflow was imported'")
     subprocess.run([sys.executable, "-c", program], check=True, capture_output=True, timeout=120)
+
+
+def test_entry_point_pretrains_on_a_tfds_dataset(data_dir, tmp_path):
+    """`python -m siim_jax.train` on the dataset prepared above (11 records: one step per epoch of 8)."""
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    cmd = [sys.executable, "-m", "siim_jax.train", "--config", os.path.join(repo, "configs", "demo.py"),
+           "--workdir", str(tmp_path), f"--config.data.source=tfds:{NAME}/labelled",
+           f"--config.data.tfds_data_dir={data_dir}", "--config.batch_size=8", "--config.total_steps=2",
+           "--config.warmup_steps=1", "--config.log_every_steps=1", "--config.eval_every_steps=2",
+           "--config.knn.num_bank=6", "--config.knn.num_query=4", "--config.knn.batch_size=8",
+           "--config.model.image_size=32", "--config.data.num_masked=10"]
+    proc = subprocess.run(cmd, cwd=repo, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    last = proc.stdout.strip().splitlines()[-1]
+    assert last.startswith("done: step 2/2") and "knn_top1" in last
+    records = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
+    assert [r["step"] for r in records if "loss" in r] == [1, 2]
+    assert os.path.isdir(tmp_path / "checkpoints" / "2")

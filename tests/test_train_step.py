@@ -79,6 +79,9 @@ def test_frozen_patch_embedding_is_bit_identical(one_device):
         np.testing.assert_array_equal(before["encoder"]["patch_embed"]["proj"][name],
                                       after["encoder"]["patch_embed"]["proj"][name])
     assert not np.array_equal(before["encoder"]["cls_token"], after["encoder"]["cls_token"])
+    # the position table is a parameter (so that imports can replace it) but never trained
+    np.testing.assert_array_equal(before["encoder"]["pos_embed"], after["encoder"]["pos_embed"])
+    np.testing.assert_array_equal(after["encoder"]["pos_embed"][0, 0], 0.0)
     assert all(np.isfinite(m["loss"]) and m["grad_norm"] > 0 for m in metrics)
 
 
@@ -97,7 +100,8 @@ def test_weight_decay_mask_and_trainable_labels(one_device):
     labels = paths(trainable_labels(params, tiny_config()))
     assert {p for p, lab in labels.items() if lab == "frozen"} == {
         "['online']['encoder']['patch_embed']['proj']['kernel']",
-        "['online']['encoder']['patch_embed']['proj']['bias']"}
+        "['online']['encoder']['patch_embed']['proj']['bias']",
+        "['online']['encoder']['pos_embed']"}
 
 
 def test_eight_fake_devices_match_one_device(one_device):

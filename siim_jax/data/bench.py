@@ -77,7 +77,7 @@ def time_pipeline(batches: TwoViewBatches, steps: int) -> dict:
     wall, cpu = time.perf_counter(), time.process_time()
     skipped = 0
     for _ in range(steps):
-        skipped += len(next(stream)["skipped"])
+        skipped += len(next(stream)[1])
     result = {"images": steps * batches.batch_size, "wall_s": time.perf_counter() - wall,
               "cpu_s": time.process_time() - cpu, "skipped": skipped}
     stream.close()

@@ -1,9 +1,9 @@
 """Deterministic, resumable two-view batches for the SiameseIM train step.
 
 A batch is a dict of NumPy arrays: view1 uint8 (B,S,S,3), view2 uint8 (B,S,S,3), geometry float32 (B,6)
-(fields `views.GEOMETRY_FIELDS`), mask bool (B, g*g) with g = S // patch_size and exactly num_masked True per row;
-plus `skipped`, a tuple of the descriptions of examples that could not be decoded and were replaced (host-side
-bookkeeping: remove it before sending the batch to the devices).
+(fields `views.GEOMETRY_FIELDS`), mask bool (B, g*g) with g = S // patch_size and exactly num_masked True per row.
+Alongside each batch comes `skipped`: the descriptions (file paths, record ids) of the examples that could not be
+decoded and were replaced.
 """
 
 import collections
@@ -86,6 +86,10 @@ class TwoViewBatches:
 
     def batch_at(self, step: int) -> dict:
         """The batch of this process at `step` (see the module docstring for the layout)."""
+        return self.batch_and_skipped(step)[0]
+
+    def batch_and_skipped(self, step: int) -> tuple[dict, tuple[str, ...]]:
+        """(batch_at(step), descriptions of the examples replaced in it)."""
         view1 = np.empty((self.batch_size, self.out_size, self.out_size, 3), np.uint8)
         view2 = np.empty_like(view1)
         geometry = np.empty((self.batch_size, 6), np.float32)
@@ -95,20 +99,21 @@ class TwoViewBatches:
         for b, index in enumerate(self.indices_at(step)):
             view1[b], view2[b], geometry[b], mask[b], bad = self.example(step, first + b, int(index))
             skipped += bad
-        return {"view1": view1, "view2": view2, "geometry": geometry, "mask": mask, "skipped": tuple(skipped)}
+        return {"view1": view1, "view2": view2, "geometry": geometry, "mask": mask}, tuple(skipped)
 
     def iterate(self, start_step: int = 0):
-        """Yields batch_at(start_step), batch_at(start_step + 1), ... computed ahead in a thread pool."""
+        """Yields batch_and_skipped(start_step), batch_and_skipped(start_step + 1), ... computed ahead in a thread
+        pool."""
         ahead = 2 * self.num_threads
         with concurrent.futures.ThreadPoolExecutor(self.num_threads) as pool:
-            pending = collections.deque(pool.submit(self.batch_at, start_step + k) for k in range(ahead))
+            pending = collections.deque(pool.submit(self.batch_and_skipped, start_step + k) for k in range(ahead))
             step = start_step + ahead
             try:
                 while True:
-                    batch = pending.popleft().result()
-                    pending.append(pool.submit(self.batch_at, step))
+                    item = pending.popleft().result()
+                    pending.append(pool.submit(self.batch_and_skipped, step))
                     step += 1
-                    yield batch
+                    yield item
             finally:
                 for future in pending:
                     future.cancel()

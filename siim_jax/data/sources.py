@@ -42,8 +42,10 @@ def open_image(data) -> Image.Image:
         return Image.fromarray(data)
     try:
         return Image.open(io.BytesIO(data))
+    except Image.UnidentifiedImageError as e:
+        raise BadImageError(f"not a readable image ({len(data)} bytes: empty, corrupt or an unknown format)") from e
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
-        raise BadImageError(f"cannot identify image: {e}") from e
+        raise BadImageError(f"cannot read the image header: {e}") from e
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
@@ -62,7 +64,7 @@ def to_rgb(image: Image.Image) -> Image.Image:
                 image = Image.fromarray(np.clip(array * (255.0 / peak), 0, 255).astype(np.uint8))
             return image.convert("RGB")
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombWarning, Image.DecompressionBombError) as e:
-        raise BadImageError(f"cannot decode image: {e}") from e
+        raise BadImageError(f"cannot decode the pixels (truncated or corrupt?): {e}") from e
 
 
 def decode_rgb(data) -> np.ndarray:

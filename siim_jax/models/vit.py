@@ -137,7 +137,12 @@ class PatchEmbed(nnx.Module):
 
 
 class VisionTransformer(nnx.Module):
-    """ViT encoder with a fixed 2-D sin-cos position table (zero class row) and a learnable class token."""
+    """ViT encoder with a frozen position table (zero class row) and a learnable class token.
+
+    `pos_embed` (1, 1 + grid^2, D) starts as the fixed 2-D sin-cos table and is never trained (train/state.py
+    labels it frozen); it is a parameter so that imported weights (e.g. a fine-tuned ViT with a learned table,
+    or one interpolated to another resolution) can replace it.
+    """
 
     def __init__(self, *, width: int, depth: int, heads: int, patch: int, image_size: int, mlp_ratio: float = 4.0,
                  init_values: float = 0.0, final_norm: bool = False, dtype=jnp.float32, rngs: nnx.Rngs):
@@ -145,21 +150,19 @@ class VisionTransformer(nnx.Module):
         self.width = width
         self.patch_embed = PatchEmbed(patch, width, dtype=dtype, rngs=rngs)
         self.cls_token = nnx.Param(token_init(rngs.params(), (1, 1, width)), out_sharding=(None, None, "embed"))
+        self.pos_embed = nnx.Param(jnp.asarray(sincos_2d(width, self.grid, class_token=True))[None],
+                                   out_sharding=(None, None, "embed"))
         self.blocks = nnx.List([Block(width, heads, mlp_ratio, init_values=init_values, dtype=dtype, rngs=rngs)
                                 for _ in range(depth)])
         self.norm = layer_norm(width, rngs=rngs) if final_norm else None
 
-    def pos_embed(self):
-        """(1 + grid^2, D) float32, zero row for the class token."""
-        return jnp.asarray(sincos_2d(self.width, self.grid, class_token=True))
-
     def patch_tokens(self, images):
         """images (N, S, S, 3) -> patch tokens with positions (N, grid^2, D)."""
-        return self.patch_embed(images) + self.pos_embed()[1:]
+        return self.patch_embed(images) + self.pos_embed[...][:, 1:]
 
     def __call__(self, tokens):
         """tokens (N, T, D) (any subset of patch tokens, positions added) -> (N, 1 + T, D), class token first."""
-        cls = jnp.broadcast_to(self.cls_token[...] + self.pos_embed()[:1], (tokens.shape[0], 1, self.width))
+        cls = jnp.broadcast_to(self.cls_token[...] + self.pos_embed[...][:, :1], (tokens.shape[0], 1, self.width))
         x = jnp.concatenate([cls, tokens], axis=1)
         for block in self.blocks:
             x = block(x)

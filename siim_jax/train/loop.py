@@ -171,11 +171,10 @@ def knn_sets(config: ml_collections.ConfigDict, source):
 
 
 def device_prefetch(host_batches, mesh, rules, size: int = 2):
-    """Yields (global device batch, skipped-file descriptions), with the next `size` batches already on their
-    way to the devices while the current step runs."""
+    """(host batch, skipped) pairs -> (global device batch, skipped), with the next `size` batches already on
+    their way to the devices while the current step runs."""
     queue = collections.deque()
-    for batch in host_batches:
-        skipped = batch.pop("skipped", ())
+    for batch, skipped in host_batches:
         queue.append((global_batch(batch, mesh, rules), skipped))
         if len(queue) > size:
             yield queue.popleft()
@@ -221,8 +220,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, stop_at_
     start = int(state.step)
     metrics_writer = MetricsWriter(workdir, resume_step)
     # undecodable examples replaced so far (this process), carried over a resume through the metrics
-    skipped_total = max([0] + [r["data_skipped_total"] for r in metrics_writer.records()
-                               if "data_skipped_total" in r])
+    skipped_total = int(max([0] + [r["data_skipped_total"] for r in metrics_writer.records()
+                                   if "data_skipped_total" in r]))
 
     train_step = jit_train_step(config, graphdef, tx, lr_fn, momentum_fn, mesh, shardings)
 

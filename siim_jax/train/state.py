@@ -46,20 +46,26 @@ def merge_params(params: dict, ema_params: dict) -> dict:
     return {**params, "target": ema_params} if ema_params else params
 
 
+FIXED_POSITION_TABLE = "pos_embed"  # the encoder's position table: a parameter, never trained
+
+
 def trainable_labels(params: dict, config: ml_collections.ConfigDict) -> dict:
-    """'frozen' for the patch embedding (unless config.model.train_patch_embed), 'train' for the rest."""
+    """'frozen' for the patch embedding (unless config.model.train_patch_embed) and the position table,
+    'train' for the rest."""
     def label(path, _):
         names = [getattr(k, "key", None) for k in path]
-        frozen = "patch_embed" in names and not config.model.train_patch_embed
+        frozen = ("patch_embed" in names and not config.model.train_patch_embed) or names[-1] == FIXED_POSITION_TABLE
         return "frozen" if frozen else "train"
     return jax.tree_util.tree_map_with_path(label, params)
 
 
 def weight_decay_mask(params):
     """Weight decay on arrays that are >= 2-D in PyTorch (weights, class and mask tokens); none on biases and
-    norms. (Our qkv bias is (3, heads, head_dim), but PyTorch's is 1-D, so biases are excluded by name.)"""
+    norms. (Our qkv bias is (3, heads, head_dim), but PyTorch's is 1-D, so biases are excluded by name; the
+    frozen position table is excluded too.)"""
     return jax.tree_util.tree_map_with_path(
-        lambda path, p: p.ndim >= 2 and getattr(path[-1], "key", None) != "bias", params)
+        lambda path, p: p.ndim >= 2 and getattr(path[-1], "key", None) not in ("bias", FIXED_POSITION_TABLE),
+        params)
 
 
 def make_optimizer(config: ml_collections.ConfigDict, params: dict, learning_rate) -> optax.GradientTransformation:
@@ -79,6 +85,22 @@ def abstract_model(config: ml_collections.ConfigDict):
 
 def init_train_state(config: ml_collections.ConfigDict, mesh: Mesh, learning_rate):
     """Creates the train state directly in its shardings. Returns (graphdef, optimiser, state, shardings)."""
+    graphdef, tx, init, shardings = _plan_train_state(config, mesh, learning_rate)
+    state = jax.jit(init, out_shardings=shardings)()
+    return graphdef, tx, state, shardings
+
+
+def abstract_train_state(config: ml_collections.ConfigDict, mesh: Mesh, learning_rate):
+    """Like init_train_state, but allocates nothing: the state is ShapeDtypeStructs carrying their shardings
+    (a restore target). Returns (graphdef, optimiser, abstract state, shardings)."""
+    graphdef, tx, init, shardings = _plan_train_state(config, mesh, learning_rate)
+    abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                            jax.eval_shape(init), shardings)
+    return graphdef, tx, abstract, shardings
+
+
+def _plan_train_state(config: ml_collections.ConfigDict, mesh: Mesh, learning_rate):
+    """(graphdef, optimiser, init function returning the TrainState, the state's shardings)."""
     graphdef, abstract_params, abstract_stats = abstract_model(config)
     param_sh, ema_sh = split_params(state_shardings(abstract_params, mesh, config.mesh.logical_axis_rules),
                                     config.model.loss_type)
@@ -99,5 +121,4 @@ def init_train_state(config: ml_collections.ConfigDict, mesh: Mesh, learning_rat
                                    transform_non_params=lambda _: replicated(mesh), is_leaf=masked)
     shardings = TrainState(step=replicated(mesh), params=param_sh, ema_params=ema_sh, opt_state=opt_sh,
                            batch_stats=stats_sh)
-    state = jax.jit(init, out_shardings=shardings)()
-    return graphdef, tx, state, shardings
+    return graphdef, tx, init, shardings

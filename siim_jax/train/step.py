@@ -21,20 +21,40 @@ def ema_update(ema_params, online_params, momentum):
     return jax.tree.map(lambda t, o: momentum * t + (1.0 - momentum) * o, ema_params, online_params)
 
 
+def make_siamese_loss_fn(config: ml_collections.ConfigDict, graphdef):
+    """(params, ema_params, batch_stats, inputs) -> (loss, new batch_stats), differentiable in params, with no
+    randomness: the views are already augmented.
+
+    inputs: view1, view2 (N, S, S, 3) float32, normalised; mask (N, g*g) bool, True = masked; geometry (N, 6).
+    The target branch uses `ema_params` as given (the EMA update is the train step's business).
+    """
+    def loss_fn(params, ema_params, batch_stats, inputs):
+        model = nnx.merge(graphdef, merge_params(params, ema_params), batch_stats)
+        pred = model.predict(inputs["view1"], inputs["mask"], inputs["geometry"])
+        target = model.target_tokens(inputs["view2"])
+        loss = unigrad_loss(pred.reshape(-1, pred.shape[-1]), target.reshape(-1, target.shape[-1]),
+                            config.loss.neg_weight)
+        return loss, nnx.to_pure_dict(nnx.state(model, nnx.BatchStat))
+
+    return loss_fn
+
+
 def make_loss_fn(config: ml_collections.ConfigDict, graphdef):
-    """(params, ema_params, batch_stats, batch, key) -> (loss, new batch_stats); differentiable in params."""
-    siamese = config.model.loss_type == "siamese"
+    """(params, ema_params, batch_stats, batch, key) -> (loss, new batch_stats); differentiable in params.
+
+    batch holds uint8 crops; the photometric augmentation (SiameseIM) or the masks (MAE) come from `key`.
+    """
+    siamese_loss = make_siamese_loss_fn(config, graphdef)
 
     def loss_fn(params, ema_params, batch_stats, batch, key):
-        model = nnx.merge(graphdef, merge_params(params, ema_params), batch_stats)
         key1, key2 = jax.random.split(key)
-        if siamese:
-            pred = model.predict(augment_view1(key1, batch["view1"]), batch["mask"], batch["geometry"])
-            target = model.target_tokens(augment_view2(key2, batch["view2"]))
-            loss = unigrad_loss(pred.reshape(-1, pred.shape[-1]), target.reshape(-1, target.shape[-1]),
-                                config.loss.neg_weight)
-        else:  # MAE: crops and flips only, random masks drawn on device
-            loss = model(normalize(batch["view1"]), key1)
+        if config.model.loss_type == "siamese":
+            inputs = {**batch, "view1": augment_view1(key1, batch["view1"]),
+                      "view2": augment_view2(key2, batch["view2"])}
+            return siamese_loss(params, ema_params, batch_stats, inputs)
+        # MAE: crops and flips only, random masks drawn on device
+        model = nnx.merge(graphdef, merge_params(params, ema_params), batch_stats)
+        loss = model(normalize(batch["view1"]), key1)
         return loss, nnx.to_pure_dict(nnx.state(model, nnx.BatchStat))
 
     return loss_fn
