@@ -82,6 +82,8 @@ def test_frozen_patch_embedding_is_bit_identical(one_device):
     # the position table is a parameter (so that imports can replace it) but never trained
     np.testing.assert_array_equal(before["encoder"]["pos_embed"], after["encoder"]["pos_embed"])
     np.testing.assert_array_equal(after["encoder"]["pos_embed"][0, 0], 0.0)
+    # the target's table is the online one, copied rather than averaged (no rounding drift)
+    np.testing.assert_array_equal(states[-1].ema_params["encoder"]["pos_embed"], after["encoder"]["pos_embed"])
     assert all(np.isfinite(m["loss"]) and m["grad_norm"] > 0 for m in metrics)
 
 

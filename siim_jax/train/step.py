@@ -13,12 +13,17 @@ from flax import nnx
 from siim_jax.data.photometric import augment_view1, augment_view2, normalize
 from siim_jax.losses import unigrad_loss
 from siim_jax.parallel.sharding import batch_sharding, replicated, sharding_context
-from siim_jax.train.state import TrainState, merge_params, trainable_labels
+from siim_jax.train.state import FIXED_POSITION_TABLE, TrainState, merge_params, trainable_labels
 
 
 def ema_update(ema_params, online_params, momentum):
-    """target <- m * target + (1 - m) * online, leaf by leaf."""
-    return jax.tree.map(lambda t, o: momentum * t + (1.0 - momentum) * o, ema_params, online_params)
+    """target <- m * target + (1 - m) * online, leaf by leaf; the fixed position table is copied, not averaged
+    (the official target shares the online table, and averaging would let rounding drift it)."""
+    def update(path, t, o):
+        if getattr(path[-1], "key", None) == FIXED_POSITION_TABLE:
+            return o
+        return momentum * t + (1.0 - momentum) * o
+    return jax.tree_util.tree_map_with_path(update, ema_params, online_params)
 
 
 def make_siamese_loss_fn(config: ml_collections.ConfigDict, graphdef):
