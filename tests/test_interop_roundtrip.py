@@ -34,12 +34,17 @@ def states():
     return config, randomized(fresh, seed=1), fresh
 
 
+def _exported_and_read_back(config, state, kind: str, path: str) -> dict:
+    """export_state_dict -> .safetensors file -> read_state_dict, checking the kind is recognised."""
+    interop.write_state_dict(interop.export_state_dict(config, state, kind), path, "safetensors")
+    state_dict = interop.read_state_dict(path)
+    assert interop.detect_kind(state_dict) == kind
+    return state_dict
+
+
 def test_full_round_trip_is_bit_exact(states, tmp_path):
     config, source, fresh = states
-    path = str(tmp_path / "full.safetensors")
-    interop.write_state_dict(interop.export_state_dict(config, source, "full"), path, "safetensors")
-    state_dict = interop.read_state_dict(path)
-    assert interop.detect_kind(state_dict) == "full"
+    state_dict = _exported_and_read_back(config, source, "full", str(tmp_path / "full.safetensors"))
     assert state_dict["projector_decoder_blocks.0.norm1.bn.num_batches_tracked"].shape == ()
     assert int(state_dict["projector_decoder_blocks.0.norm1.bn.num_batches_tracked"]) == 7  # the step
     imported = interop.import_state_dict(config, fresh, state_dict, log=lambda _: None)
@@ -57,10 +62,7 @@ def test_full_round_trip_is_bit_exact(states, tmp_path):
 
 def test_encoder_round_trip_fills_online_and_target_encoders(states, tmp_path):
     config, source, fresh = states
-    path = str(tmp_path / "encoder.safetensors")
-    interop.write_state_dict(interop.export_state_dict(config, source, "encoder"), path, "safetensors")
-    state_dict = interop.read_state_dict(path)
-    assert interop.detect_kind(state_dict) == "encoder"
+    state_dict = _exported_and_read_back(config, source, "encoder", str(tmp_path / "encoder.safetensors"))
     assert state_dict["pos_embed"].shape == (1, 17, 64)
     imported = interop.import_state_dict(config, fresh, state_dict, log=lambda _: None)
     source_encoder = source.params["online"]["encoder"]
