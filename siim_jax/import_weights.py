@@ -79,5 +79,10 @@ def main(argv):
           f"siim_jax.train --config <the same recipe> --workdir {workdir}", flush=True)
 
 
-if __name__ == "__main__":
+def run():
+    """Console-script entry point (`siim-jax-import`)."""
     app.run(main, flags_parser=flags_parser(USAGE))
+
+
+if __name__ == "__main__":
+    run()

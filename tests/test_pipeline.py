@@ -101,3 +101,17 @@ def test_builtin_classes_and_grey_levels():
     with pytest.raises(ValueError, match="num_classes=11"):
         make_builtin_images(seed=0, num_images=1, image_size=8, num_classes=11)
 
+
+
+def test_iterate_builds_a_bounded_number_of_batches_ahead():
+    data, reference = _batches(num_threads=4), _batches()
+    built = []
+    original = data._empty_batch
+    data._empty_batch = lambda: built.append(1) or original()
+    stream = data.iterate(0, batches_ahead=2)
+    for consumed in range(1, 6):
+        batch, _ = next(stream)
+        _assert_batch_equal(batch, reference.batch_at(consumed - 1))
+        # host memory: the batch in hand plus 2 in flight, however many threads build them
+        assert len(built) == consumed + 2
+    stream.close()

