@@ -14,7 +14,7 @@ import logging
 import numpy as np
 
 from siim_jax.data.masks import block_mask
-from siim_jax.data.sources import ArraySource, BadImageError, open_image, to_rgb
+from siim_jax.data.sources import ArraySource, BadImageError, load_rgb
 from siim_jax.data.views import sample_two_views
 
 log = logging.getLogger(__name__)
@@ -81,7 +81,7 @@ class TwoViewBatches:
         rng = np.random.default_rng([self.seed, step, position])
         for attempt in range(1, MAX_REPLACEMENTS + 1):
             try:
-                image = to_rgb(open_image(self.source.read(index)))
+                image = load_rgb(self.source.read(index))
                 view1, view2, geometry = sample_two_views(rng, image, self.out_size, self.crop_min)
                 return view1, view2, geometry, block_mask(rng, self.grid, self.num_masked), skipped
             except BadImageError as e:

@@ -67,9 +67,14 @@ def to_rgb(image: Image.Image) -> Image.Image:
         raise BadImageError(f"cannot decode the pixels (truncated or corrupt?): {e}") from e
 
 
+def load_rgb(data) -> Image.Image:
+    """Encoded bytes or a uint8 (H, W, 3) array -> a decoded 8-bit RGB PIL image. Raises BadImageError."""
+    return to_rgb(open_image(data))
+
+
 def decode_rgb(data) -> np.ndarray:
     """Encoded bytes or a uint8 array -> uint8 (H, W, 3). Raises BadImageError."""
-    return np.asarray(to_rgb(open_image(data)))
+    return np.asarray(load_rgb(data))
 
 
 class ArraySource:

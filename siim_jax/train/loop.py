@@ -26,7 +26,7 @@ from siim_jax import config as config_lib
 from siim_jax.data.builtin import make_builtin_images
 from siim_jax.data.photometric import normalize
 from siim_jax.data.pipeline import TwoViewBatches
-from siim_jax.data.sources import ArraySource, BadImageError, open_image, open_source, to_rgb
+from siim_jax.data.sources import ArraySource, BadImageError, load_rgb, open_source
 from siim_jax.data.views import eval_view
 from siim_jax.eval.knn import knn_top1
 from siim_jax.parallel.sharding import batch_sharding, batch_shards, create_mesh, global_batch, replicated
@@ -161,7 +161,7 @@ def knn_sets(config: ml_collections.ConfigDict, source):
     images, labels = [], []
     for index in tqdm.tqdm(chosen, desc="k-NN images", disable=jax.process_index() != 0, mininterval=2.0):
         try:
-            images.append(eval_view(to_rgb(open_image(source.read(int(index)))), config.model.image_size))
+            images.append(eval_view(load_rgb(source.read(int(index))), config.model.image_size))
             labels.append(source.label(int(index)))
         except BadImageError as e:
             log.warning("k-NN monitor: skipping %s: %s", source.describe(int(index)), e)
