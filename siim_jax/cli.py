@@ -1,10 +1,14 @@
 """Shared command-line plumbing: one-line errors with fixed exit statuses, no tracebacks for bad input.
 
-Exit status 2: bad command line (unknown flag, bad --config override, unreadable recipe); 1: the job could not
-run (bad config value, bad data source, checkpoint mismatch, ...).
+Exit statuses of every command: 0 finished; 1 failed (bad config value, bad data source, checkpoint mismatch,
+non-finite state, busy or unwritable workdir, ...); 2 bad command line (unknown flag, bad --config override,
+recipe that does not load); 75 (EXIT_STOPPED, sysexits' EX_TEMPFAIL) stopped on request (SIGTERM, SIGINT) after
+saving a checkpoint: resumable, rerun the same command (launchers requeue on it).
 """
 
 import sys
+
+EXIT_FINISHED, EXIT_FAILED, EXIT_USAGE, EXIT_STOPPED = 0, 1, 2, 75
 
 from absl import flags
 
@@ -31,6 +35,9 @@ def flags_parser(usage: str):
         try:
             return flags.FLAGS(argv)
         except (flags.Error, AttributeError, KeyError, TypeError, ValueError) as error:
-            fail(root_message(error), 2, usage)
+            fail(root_message(error), EXIT_USAGE, usage)
+        except Exception as error:  # noqa: BLE001 - a recipe file that raises (SyntaxError, its get_config, ...)
+            fail(f"the recipe could not be loaded: {type(error).__name__}: {root_message(error)}", EXIT_USAGE,
+                 usage)
 
     return parse

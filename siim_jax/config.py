@@ -141,6 +141,58 @@ def validate(c: ml_collections.ConfigDict) -> None:
         raise ConfigError(f"config.data.crop_min={c.data.crop_min} must lie in (0, 1]")
     if c.data.threads <= 0:
         raise ConfigError(f"config.data.threads={c.data.threads} must be > 0")
-    for name in ("log_every_steps", "checkpoint_every_steps"):
-        if c[name] <= 0:
-            raise ConfigError(f"config.{name}={c[name]} must be > 0")
+    for key, valid, text in RANGES:
+        value = c
+        for part in key.split("."):
+            value = value[part]
+        if not valid(value):
+            raise ConfigError(f"config.{key}={value!r} is out of range; valid: {text}")
+    for axis in ("data", "fsdp", "tensor"):
+        size = c.mesh[axis]
+        if not (isinstance(size, int) and (size >= 1 or size == -1)):
+            raise ConfigError(f"config.mesh.{axis}={size!r} is out of range; valid: an integer >= 1, or -1 "
+                              "(all devices the other axes leave)")
+    if [c.mesh[a] for a in ("data", "fsdp", "tensor")].count(-1) > 1:
+        raise ConfigError("config.mesh.data/fsdp/tensor: at most one of them may be -1")
+    if c.eval_every_steps > 0 and c.knn.k > c.knn.num_bank:
+        raise ConfigError(f"config.knn.k={c.knn.k} exceeds config.knn.num_bank={c.knn.num_bank}; valid: "
+                          f"1..{c.knn.num_bank}")
+
+
+def _positive_int(x):
+    return isinstance(x, int) and not isinstance(x, bool) and x >= 1
+
+
+def _int_at_least(low):
+    return lambda x: isinstance(x, int) and not isinstance(x, bool) and x >= low
+
+
+# (key, check, valid range as the error states it); numeric keys with a range, checked before anything compiles
+RANGES = (
+    ("keep_checkpoints", _positive_int, "an integer >= 1 (how many of the newest checkpoints to keep)"),
+    ("log_every_steps", _positive_int, "an integer >= 1"),
+    ("checkpoint_every_steps", _positive_int, "an integer >= 1"),
+    ("eval_every_steps", _int_at_least(0), "an integer >= 0 (0 turns the k-NN monitor off)"),
+    ("total_steps", _int_at_least(0), "an integer >= 0 (0: the length comes from config.epochs)"),
+    ("warmup_steps", _int_at_least(-1), "an integer >= 0, or -1 to use config.warmup_epochs"),
+    ("epochs", lambda x: x >= 0, ">= 0"),
+    ("warmup_epochs", lambda x: x >= 0, ">= 0"),
+    ("optim.blr", lambda x: x > 0, "> 0"),
+    ("optim.min_lr", lambda x: x >= 0, ">= 0"),
+    ("optim.b1", lambda x: 0 <= x < 1, "[0, 1)"),
+    ("optim.b2", lambda x: 0 <= x < 1, "[0, 1)"),
+    ("optim.weight_decay", lambda x: x >= 0, ">= 0"),
+    ("optim.clip_norm", lambda x: x >= 0, ">= 0 (0 turns clipping off)"),
+    ("ema.base_momentum", lambda x: 0 <= x <= 1, "[0, 1]"),
+    ("loss.neg_weight", lambda x: x >= 0, ">= 0"),
+    ("model.image_size", _positive_int, "an integer >= 1, a multiple of the patch size"),
+    ("model.mae_mask_ratio", lambda x: 0 < x < 1, "(0, 1)"),
+    ("data.num_train", _positive_int, "an integer >= 1"),
+    ("data.num_classes", _positive_int, "an integer >= 1"),
+    ("data.raw_size", _positive_int, "an integer >= 1"),
+    ("knn.k", _positive_int, "an integer >= 1 (and <= config.knn.num_bank)"),
+    ("knn.temperature", lambda x: x > 0, "> 0"),
+    ("knn.num_bank", _positive_int, "an integer >= 1"),
+    ("knn.num_query", _positive_int, "an integer >= 1"),
+    ("knn.batch_size", _positive_int, "an integer >= 1"),
+)

@@ -14,7 +14,6 @@ import io
 import logging
 import os
 import time
-import warnings
 
 import numpy as np
 from PIL import Image
@@ -33,37 +32,53 @@ class BadImageError(ValueError):
     """One example that cannot be decoded (truncated, corrupt, unsupported); the pipeline skips and counts it."""
 
 
+def check_image_size(image: Image.Image) -> None:
+    """Raises BadImageError if `image` (header read, pixels not yet) has more than PIL's `Image.MAX_IMAGE_PIXELS`
+    pixels (a decompression bomb: PIL itself only warns below twice that limit and would decode it)."""
+    limit = Image.MAX_IMAGE_PIXELS
+    width, height = image.size
+    if limit is not None and width * height > limit:
+        raise BadImageError(f"image of {width}x{height} = {width * height} pixels exceeds the limit of {limit} "
+                            "pixels (PIL.Image.MAX_IMAGE_PIXELS; a possible decompression bomb)")
+
+
 def open_image(data) -> Image.Image:
     """Encoded bytes or a uint8 (H, W, 3) array -> a lazily decoded PIL image (header read, pixels not yet).
 
-    Raises BadImageError for anything PIL cannot identify.
+    Raises BadImageError for anything PIL cannot identify, and for images of more than `Image.MAX_IMAGE_PIXELS`
+    pixels (see check_image_size).
     """
     if isinstance(data, np.ndarray):
         return Image.fromarray(data)
     try:
-        return Image.open(io.BytesIO(data))
+        # PIL warns (DecompressionBombWarning, once per call site under the default filters) inside Image.open
+        # for images between the limit and twice the limit, and raises above; the explicit check below refuses
+        # both. No warnings.catch_warnings here: it changes process-wide state and images decode in threads.
+        image = Image.open(io.BytesIO(data))
     except Image.UnidentifiedImageError as e:
         raise BadImageError(f"not a readable image ({len(data)} bytes: empty, corrupt or an unknown format)") from e
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
         raise BadImageError(f"cannot read the image header: {e}") from e
+    check_image_size(image)
+    return image
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
     """Decodes `image` into 8-bit RGB (greyscale, palette, CMYK, 16-bit and alpha images included; alpha is
     dropped, as PIL's convert('RGB') in the official loader does). Raises BadImageError on truncated or corrupt
-    pixel data."""
+    pixel data, and for file-backed images of more than `Image.MAX_IMAGE_PIXELS` pixels."""
+    if image.format is not None:  # opened from encoded data (Image.fromarray images have no format)
+        check_image_size(image)
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            image.load()
-            if image.mode == "RGB":
-                return image
-            if image.mode in ("I;16", "I;16B", "I;16L", "I"):  # 16/32-bit greyscale: scale to 8 bits
-                array = np.asarray(image, dtype=np.float64)
-                peak = 65535.0 if image.mode.startswith("I;16") else max(float(array.max()), 1.0)
-                image = Image.fromarray(np.clip(array * (255.0 / peak), 0, 255).astype(np.uint8))
-            return image.convert("RGB")
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombWarning, Image.DecompressionBombError) as e:
+        image.load()
+        if image.mode == "RGB":
+            return image
+        if image.mode in ("I;16", "I;16B", "I;16L", "I"):  # 16/32-bit greyscale: scale to 8 bits
+            array = np.asarray(image, dtype=np.float64)
+            peak = 65535.0 if image.mode.startswith("I;16") else max(float(array.max()), 1.0)
+            image = Image.fromarray(np.clip(array * (255.0 / peak), 0, 255).astype(np.uint8))
+        return image.convert("RGB")
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
         raise BadImageError(f"cannot decode the pixels (truncated or corrupt?): {e}") from e
 
 
@@ -98,6 +113,26 @@ class ArraySource:
         return f"{self.name}[{index}]"
 
 
+def _list_directory(directory: str) -> list:
+    """os.scandir entries of `directory`; SourceError (naming it and the fix) if it cannot be listed."""
+    try:
+        with os.scandir(directory) as entries:
+            return list(entries)
+    except OSError as e:
+        raise SourceError(f"imagefolder: cannot list the folder {directory!r} ({e.strerror or e}); fix its "
+                          "permissions (it must be readable and searchable) or remove it") from None
+
+
+def _entry_is(entry, kind: str) -> bool:
+    """entry.is_dir() / entry.is_file() (following symbolic links); SourceError for a symbolic-link loop or an
+    entry whose type cannot be read."""
+    try:
+        return entry.is_dir() if kind == "dir" else entry.is_file()
+    except OSError as e:
+        raise SourceError(f"imagefolder: cannot follow {entry.path!r} ({e.strerror or e}; a symbolic link loop?); "
+                          "remove it or point it at a real folder or file") from None
+
+
 class ImageFolderSource:
     """Files `<root>/<split>/<class>/<image>` in sorted (class, file name) order; labels are class indices."""
 
@@ -107,11 +142,12 @@ class ImageFolderSource:
             raise SourceError(f"imagefolder: {directory!r} is not a directory; expected the layout "
                               f"<root>/{split}/<class>/<image> (set config.data.split to change '{split}')")
         start = time.perf_counter()
-        self.classes = sorted(e.name for e in os.scandir(directory) if e.is_dir())
+        self.classes = sorted(e.name for e in _list_directory(directory) if _entry_is(e, "dir"))
         paths, labels, ignored = [], [], 0
         for label, name in enumerate(self.classes):
-            for entry in sorted(os.scandir(os.path.join(directory, name)), key=lambda e: e.name):
-                if entry.is_file() and entry.name.lower().endswith(IMAGE_EXTENSIONS):
+            entries = _list_directory(os.path.join(directory, name))
+            for entry in sorted(entries, key=lambda e: e.name):
+                if _entry_is(entry, "file") and entry.name.lower().endswith(IMAGE_EXTENSIONS):
                     paths.append(entry.path)
                     labels.append(label)
                 else:

@@ -15,6 +15,8 @@ from flax import nnx
 from jax.experimental import mesh_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from siim_jax.config import ConfigError
+
 MESH_AXES = ("data", "fsdp", "tensor")
 log = logging.getLogger(__name__)
 
@@ -24,14 +26,15 @@ def create_mesh(mesh_config, devices=None) -> Mesh:
     devices = jax.devices() if devices is None else devices
     shape = [int(mesh_config[a]) for a in MESH_AXES]
     if shape.count(-1) > 1:
-        raise ValueError(f"config.mesh has more than one -1 axis: {dict(zip(MESH_AXES, shape))}")
+        raise ConfigError(f"config.mesh.data/fsdp/tensor={shape}: at most one axis may be -1")
     known = math.prod(s for s in shape if s != -1)
     if -1 in shape:
         if len(devices) % known:
-            raise ValueError(f"{len(devices)} devices cannot fill config.mesh {dict(zip(MESH_AXES, shape))}")
+            raise ConfigError(f"config.mesh.data/fsdp/tensor={shape} cannot fill the {len(devices)} devices: the "
+                              f"fixed axes' product {known} must divide {len(devices)}")
         shape[shape.index(-1)] = len(devices) // known
     if math.prod(shape) != len(devices):
-        raise ValueError(f"config.mesh {dict(zip(MESH_AXES, shape))} needs {math.prod(shape)} devices, "
+        raise ConfigError(f"config.mesh.data/fsdp/tensor={shape} needs {math.prod(shape)} devices, "
                          f"found {len(devices)}; set one axis to -1 to fill")
     return Mesh(mesh_utils.create_device_mesh(shape, devices, allow_split_physical_axes=True), MESH_AXES)
 

@@ -1,19 +1,40 @@
 """Orbax checkpoints in <workdir>/checkpoints: async saves, keep the newest N, restore into given shardings.
 
-Each step directory holds the train state and a small JSON record of the model config, checked on restore so
-that a checkpoint of another model is a readable error, not a shape mismatch deep inside Orbax.
+Each step directory holds the train state, a small JSON record of the model config (checked on restore, so that
+a checkpoint of another model is a readable error, not a shape mismatch deep inside Orbax) and the run's
+cumulative counters (`data_skipped_total`, ...), which continue after a resume.
+
+Nothing non-finite is ever written: `save` checks the state first. `restore_newest` falls back: a newest step that
+cannot be read, was written by another model config or holds non-finite values is reported in one warning line
+and the next older one is tried; a step passed over that way is moved to `<workdir>/checkpoints_unusable/` (never
+deleted) so that the resumed run can save that step again.
 """
 
 import json
+import logging
 import os
+import shutil
+import time
 
 import jax
 import ml_collections
 import orbax.checkpoint as ocp
 
+from siim_jax.train.state import all_finite
+
+log = logging.getLogger(__name__)
+
 
 class CheckpointMismatchError(ValueError):
     pass
+
+
+class CheckpointUnusableError(RuntimeError):
+    """No checkpoint of the workdir can be restored; the message names the directory and what to do."""
+
+
+class NonFiniteStateError(RuntimeError):
+    """A train state with NaN / Inf values, refused before it is written."""
 
 
 def model_signature(config: ml_collections.ConfigDict) -> dict:
@@ -21,36 +42,128 @@ def model_signature(config: ml_collections.ConfigDict) -> dict:
     return {"model": json.loads(config.model.to_json()), "num_masked": config.data.num_masked}
 
 
+_all_finite = jax.jit(all_finite)
+
+
+def state_is_finite(state) -> bool:
+    """One jitted reduction over every floating array of the state (sharded or not), on every process."""
+    return bool(_all_finite(state))
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return f"{type(error).__name__}: {text.splitlines()[0] if text else ''}"[:300]
+
+
 class Checkpointer:
     def __init__(self, workdir: str, config: ml_collections.ConfigDict):
-        self.directory = os.path.join(os.path.abspath(workdir), "checkpoints")
+        self.workdir = os.path.abspath(workdir)
+        self.directory = os.path.join(self.workdir, "checkpoints")
         self.signature = model_signature(config)
         options = ocp.CheckpointManagerOptions(max_to_keep=config.keep_checkpoints, create=True,
                                                enable_async_checkpointing=True)
-        self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=("state", "signature"))
+        self.manager = ocp.CheckpointManager(self.directory, options=options,
+                                             item_names=("state", "signature", "counters"))
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
 
-    def save(self, step: int, state) -> None:
-        """Starts an async save of `state` at `step` (no-op if that step is already saved)."""
+    def intact_step(self) -> int | None:
+        """The newest saved step once pending saves end: every save is checked finite first, and the steps of
+        an earlier run that restore_newest passed over are moved away."""
+        self.manager.wait_until_finished()
+        return self.manager.latest_step()
+
+    def describe_intact(self) -> str:
+        step = self.intact_step()
+        return (f"the newest intact checkpoint is {self.path(step)}" if step is not None
+                else f"no intact checkpoint exists yet in {self.directory}")
+
+    def save(self, step: int, state, counters: dict | None = None) -> None:
+        """Starts an async save of `state` at `step` (no-op if that step is already saved).
+
+        Raises NonFiniteStateError, writing nothing, if any array of `state` is not finite.
+        """
         if step in self.manager.all_steps():
             return
+        if not state_is_finite(state):
+            raise NonFiniteStateError(
+                f"the train state of step {step} holds NaN or Inf values and was not saved; "
+                f"{self.describe_intact()}; lower config.optim.blr (or check the data) and rerun")
         self.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                                        signature=ocp.args.JsonSave(self.signature)))
+                                                        signature=ocp.args.JsonSave(self.signature),
+                                                        counters=ocp.args.JsonSave(dict(counters or {}))))
 
-    def restore(self, step: int, abstract_state):
-        """Restores the state saved at `step` into the shardings of `abstract_state` (ShapeDtypeStructs)."""
+    def _read(self, step: int, abstract_state):
+        """(state, counters) of `step`; raises CheckpointMismatchError or whatever reading fails with."""
         saved = self.manager.restore(step, args=ocp.args.Composite(signature=ocp.args.JsonRestore()))["signature"]
         if saved != self.signature:
             diff = {k: (saved.get(k), v) for k, v in self.signature.items() if saved.get(k) != v}
             raise CheckpointMismatchError(
-                f"checkpoint {self.directory}/{step} was written by another model config "
+                f"checkpoint {self.path(step)} was written by another model config "
                 f"(saved vs current: {diff}); use another --workdir or the matching recipe")
-        return self.manager.restore(step, args=ocp.args.Composite(
+        state = self.manager.restore(step, args=ocp.args.Composite(
             state=ocp.args.StandardRestore(abstract_state)))["state"]
+        try:
+            counters = self.manager.restore(step, args=ocp.args.Composite(counters=ocp.args.JsonRestore()))
+            counters = dict(counters["counters"] or {})
+        except Exception:  # written before counters were saved
+            counters = {}
+        return state, counters
 
-    def path(self, step: int) -> str:
+    def restore(self, step: int, abstract_state):
+        """Restores the state saved at `step` into the shardings of `abstract_state` (ShapeDtypeStructs)."""
+        return self._read(step, abstract_state)[0]
+
+    def restore_newest(self, abstract_state):
+        """(step, state, counters) of the newest usable checkpoint, or None when the workdir has none.
+
+        Unreadable, mismatched or non-finite steps are skipped with one warning line each; when an older one is
+        used, the skipped ones are moved to <workdir>/checkpoints_unusable/. Raises CheckpointMismatchError when
+        every step belongs to another model, CheckpointUnusableError when none can be used for other reasons.
+        """
+        steps = sorted(self.manager.all_steps(), reverse=True)
+        skipped, mismatches = [], []
+        for step in steps:
+            try:
+                state, counters = self._read(step, abstract_state)
+            except CheckpointMismatchError as error:
+                mismatches.append(error)
+                why = "was written by another model config"
+            except Exception as error:  # Orbax / TensorStore raise many kinds for damaged files
+                why = f"cannot be read ({_first_line(error)})"
+            else:
+                if state_is_finite(state):
+                    if skipped:
+                        self.set_aside(skipped, "unusable")
+                    return step, state, counters
+                why = "holds NaN or Inf values"
+            older = "trying the previous one" if step != steps[-1] else "no older one is left"
+            log.warning("checkpoint %s %s; skipping it, %s", self.path(step), why, older)
+            skipped.append(step)
+        if not steps:
+            return None
+        if len(mismatches) == len(steps):
+            raise mismatches[0]
+        raise CheckpointUnusableError(
+            f"no checkpoint in {self.directory} can be used (steps {sorted(skipped)}: see the warnings above); "
+            "nothing was changed there: to start afresh use another --workdir, or move those step folders away")
+
+    def set_aside(self, steps, why: str) -> None:
+        """Moves step folders to <workdir>/checkpoints_unusable/<step>-<time> (process 0 only), never deleting."""
+        self.manager.wait_until_finished()
+        steps = [s for s in steps if s in self.manager.all_steps()]
+        if steps and jax.process_index() == 0:
+            target = os.path.join(self.workdir, "checkpoints_unusable")
+            os.makedirs(target, exist_ok=True)
+            for step in steps:
+                destination = os.path.join(target, f"{step}-{time.strftime('%Y%m%d-%H%M%S')}")
+                shutil.move(self.path(step), destination)
+                log.warning("moved the %s checkpoint %s to %s (kept, not deleted)", why, self.path(step),
+                            destination)
+        self.manager.reload()
+
+    def path(self, step: int | None) -> str:
         return os.path.join(self.directory, str(step))
 
     def wait(self) -> None:

@@ -30,10 +30,11 @@ from siim_jax.data.sources import ArraySource, BadImageError, load_rgb, open_sou
 from siim_jax.data.views import eval_view
 from siim_jax.eval.knn import knn_top1
 from siim_jax.parallel.sharding import batch_sharding, batch_shards, create_mesh, global_batch, replicated
-from siim_jax.train.checkpoint import Checkpointer, abstract_like
+from siim_jax.train.checkpoint import Checkpointer
 from siim_jax.train.schedules import ema_momentum_fn, learning_rate_fn, training_length
-from siim_jax.train.state import init_train_state, merge_params
+from siim_jax.train.state import abstract_train_state, init_train_state, merge_params
 from siim_jax.train.step import jit_in_mesh, jit_train_step
+from siim_jax.train.workdir_lock import WorkdirLock
 
 log = logging.getLogger(__name__)
 
@@ -190,6 +191,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, stop_at_
     """
     config_lib.validate(config)
     os.makedirs(workdir, exist_ok=True)
+    with WorkdirLock(workdir, enabled=jax.process_index() == 0):
+        return _train_in_locked_workdir(config, workdir, stop_at_step)
+
+
+def _train_in_locked_workdir(config, workdir: str, stop_at_step: int | None) -> dict:
     if jax.process_index() == 0:
         with open(os.path.join(workdir, "config.json"), "w") as f:
             f.write(config.to_json_best_effort(indent=2))
@@ -204,6 +210,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, stop_at_
     patch = config_lib.VIT_VARIANTS[config.model.variant][3]
 
     source = open_source(config.data, config.seed)
+    if len(source) < config.batch_size:
+        raise config_lib.ConfigError(
+            f"config.batch_size={config.batch_size} is larger than the {len(source)} images of "
+            f"config.data.source={config.data.source!r}; valid range: 1..{len(source)}")
     batches = TwoViewBatches(source, config.batch_size // jax.process_count(), config.model.image_size, patch,
                              config.data.num_masked, config.data.crop_min, config.seed,
                              process_index=jax.process_index(), process_count=jax.process_count(),
@@ -211,17 +221,19 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, stop_at_
 
     length = training_length(config, len(source))
     lr_fn, momentum_fn = learning_rate_fn(config, length), ema_momentum_fn(config, length)
-    graphdef, tx, state, shardings = init_train_state(config, mesh, lr_fn)
     checkpoints = Checkpointer(workdir, config)
-    resume_step = checkpoints.latest_step()
-    if resume_step is not None:
-        log.info("resuming from %s", checkpoints.path(resume_step))
-        state = checkpoints.restore(resume_step, abstract_like(state, shardings))
+    graphdef, tx, abstract_state, shardings = abstract_train_state(config, mesh, lr_fn)
+    restored = checkpoints.restore_newest(abstract_state)  # straight into the shardings, nothing allocated first
+    if restored is None:
+        resume_step, counters = None, {}
+        _, _, state, _ = init_train_state(config, mesh, lr_fn)
+    else:
+        resume_step, state, counters = restored
+        log.info("resumed from %s", checkpoints.path(resume_step))
     start = int(state.step)
     metrics_writer = MetricsWriter(workdir, resume_step)
-    # undecodable examples replaced so far (this process), carried over a resume through the metrics
-    skipped_total = int(max([0] + [r["data_skipped_total"] for r in metrics_writer.records()
-                                   if "data_skipped_total" in r]))
+    # undecodable examples replaced so far, carried over a resume by the checkpoint
+    skipped_total = int(counters.get("data_skipped_total", 0))
 
     train_step = jit_train_step(config, graphdef, tx, lr_fn, momentum_fn, mesh, shardings)
 
@@ -251,12 +263,19 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, stop_at_
     last_good = {}
 
     def check_pending():
+        """Raises NonFiniteLossError at the first logged step whose metrics or new state are not finite."""
         nonlocal pending
         for step, values in jax.device_get(pending):
-            if not all(np.isfinite(v) for v in values.values()):
+            values = dict(values)
+            state_finite = values.pop("state_finite", 1.0) == 1.0
+            if not (state_finite and all(np.isfinite(v) for v in values.values())):
+                # the loss of `step` is computed from the state of step - 1: a checkpoint of it (finite, but
+                # blown up) would fail the same way on every resume
+                checkpoints.set_aside([step - 1], f"diverging (step {step} computed from it is non-finite)")
+                what = {k: round(float(v), 6) for k, v in values.items()}
                 raise NonFiniteLossError(
-                    f"non-finite value at step {step}: {values}; the newest checkpoint "
-                    f"({checkpoints.latest_step()}) is intact; lower config.optim.blr or check the data")
+                    f"non-finite {'train state' if not state_finite else 'value'} at step {step} ({what}); "
+                    f"{checkpoints.describe_intact()}; lower config.optim.blr or check the data, then rerun")
             last_good.update(values)
         pending = []
 
@@ -293,7 +312,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, stop_at_
             interrupted = stop.signal is not None or step == stop_at_step
             if step % config.checkpoint_every_steps == 0 or is_last or interrupted:
                 check_pending()
-                checkpoints.save(step, state)
+                checkpoints.save(step, state, {"data_skipped_total": skipped_total})
                 reset_timer = True
             if interrupted:
                 break

@@ -1,12 +1,13 @@
 """Command line: python -m siim_jax.train --config configs/<recipe>.py --workdir <dir> [--config.key=value ...]"""
 
 import logging as py_logging
+import sys
 
 import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from siim_jax.cli import fail, flags_parser
+from siim_jax.cli import EXIT_FAILED, EXIT_STOPPED, EXIT_USAGE, fail, flags_parser
 
 USAGE = "usage: python -m siim_jax.train --config configs/<recipe>.py --workdir <dir> [--config.key=value ...]"
 
@@ -22,12 +23,9 @@ def main(argv):
     from siim_jax.config import ConfigError
     from siim_jax.data.pipeline import TooManyBadImagesError
     from siim_jax.data.sources import SourceError
-    from siim_jax.train.checkpoint import CheckpointMismatchError
-    from siim_jax.train.loop import (
-        NonFiniteLossError,
-        format_summary,
-        train_and_evaluate,
-    )
+    from siim_jax.train.checkpoint import CheckpointMismatchError, CheckpointUnusableError, NonFiniteStateError
+    from siim_jax.train.loop import NonFiniteLossError, format_summary, train_and_evaluate
+    from siim_jax.train.workdir_lock import WorkdirBusyError
 
     logging.set_verbosity(logging.WARNING)  # library chatter (Orbax) off; siim_jax's own progress on
     py_logging.getLogger("siim_jax").setLevel(py_logging.INFO)
@@ -36,12 +34,18 @@ def main(argv):
         config = _CONFIG.value
         config.seed  # a recipe that failed to load raises here
     except OSError as error:
-        fail(str(error), 2, USAGE)
+        fail(str(error), EXIT_USAGE, USAGE)
     try:
         summary = train_and_evaluate(config, _WORKDIR.value)
-    except (ConfigError, SourceError, TooManyBadImagesError, CheckpointMismatchError, NonFiniteLossError) as e:
-        fail(str(e), 1)
+    except (ConfigError, SourceError, TooManyBadImagesError, CheckpointMismatchError, CheckpointUnusableError,
+            NonFiniteLossError, NonFiniteStateError, WorkdirBusyError) as e:
+        fail(str(e), EXIT_FAILED)
+    except OSError as e:  # unwritable workdir, full disk (also raised by a checkpoint save that failed)
+        fail(f"cannot write to {e.filename or _WORKDIR.value}: {e.strerror or e}; check the permissions and "
+             "free space of --workdir (the newest finished checkpoint in it is intact)", EXIT_FAILED)
     print(format_summary(summary), flush=True)
+    if summary["interrupted"]:
+        sys.exit(EXIT_STOPPED)  # stopped on request after saving: resumable
 
 
 def run():

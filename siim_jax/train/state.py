@@ -25,6 +25,13 @@ class TrainState:
     batch_stats: Any  # BatchNorm running statistics of both branches (pure dict)
 
 
+def all_finite(tree) -> jax.Array:
+    """bool scalar: every floating leaf of `tree` (params, EMA, optimiser state, statistics) is finite."""
+    leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)
+              if jnp.issubdtype(jnp.asarray(x).dtype, jnp.inexact)]
+    return jnp.all(jnp.stack(leaves)) if leaves else jnp.array(True)
+
+
 def create_model(config: ml_collections.ConfigDict, seed: int):
     rngs = nnx.Rngs(seed)
     if config.model.loss_type == "mae":

@@ -13,7 +13,7 @@ from flax import nnx
 from siim_jax.data.photometric import augment_view1, augment_view2, normalize
 from siim_jax.losses import unigrad_loss
 from siim_jax.parallel.sharding import batch_sharding, replicated, sharding_context
-from siim_jax.train.state import FIXED_POSITION_TABLE, TrainState, merge_params, trainable_labels
+from siim_jax.train.state import FIXED_POSITION_TABLE, TrainState, all_finite, merge_params, trainable_labels
 
 
 def ema_update(ema_params, online_params, momentum):
@@ -105,6 +105,7 @@ def make_train_step(config: ml_collections.ConfigDict, graphdef, tx: optax.Gradi
                    "grad_norm": optax.tree.norm(trainable)}
         new_state = TrainState(step=state.step + 1, params=params, ema_params=ema, opt_state=opt_state,
                                batch_stats=stats)
+        metrics["state_finite"] = all_finite(new_state).astype(jnp.float32)  # 1.0 unless the update blew up
         return new_state, metrics
 
     return train_step
