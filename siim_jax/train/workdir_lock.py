@@ -8,8 +8,8 @@ POSIX file system the owner also holds an `fcntl.flock` on it, which the kernel 
 - Shared file systems (NFS, Lustre, GPFS): flock is honoured across hosts where the file system supports it; a
   lock written by another host whose heartbeat is older than STALE_SECONDS is taken over with a warning, a fresher
   one refuses the run.
-- Object stores (`gs://...` workdirs): there is no local file to flock, so only the heartbeat rule applies; two
-  runs started within seconds of each other can both pass, so launch one job per workdir.
+- Object stores (`gs://...` workdirs, not supported by the trainer yet): there is no flock, so only the
+  heartbeat rule could apply, and two runs started within seconds of each other could both pass.
 """
 
 import json
