@@ -154,9 +154,6 @@ def validate(c: ml_collections.ConfigDict) -> None:
                               "(all devices the other axes leave)")
     if [c.mesh[a] for a in ("data", "fsdp", "tensor")].count(-1) > 1:
         raise ConfigError("config.mesh.data/fsdp/tensor: at most one of them may be -1")
-    if c.eval_every_steps > 0 and c.knn.k > c.knn.num_bank:
-        raise ConfigError(f"config.knn.k={c.knn.k} exceeds config.knn.num_bank={c.knn.num_bank}; valid: "
-                          f"1..{c.knn.num_bank}")
 
 
 def _positive_int(x):
@@ -190,7 +187,7 @@ RANGES = (
     ("data.num_train", _positive_int, "an integer >= 1"),
     ("data.num_classes", _positive_int, "an integer >= 1"),
     ("data.raw_size", _positive_int, "an integer >= 1"),
-    ("knn.k", _positive_int, "an integer >= 1 (and <= config.knn.num_bank)"),
+    ("knn.k", _positive_int, "an integer >= 1 (a bank smaller than k votes with all its images)"),
     ("knn.temperature", lambda x: x > 0, "> 0"),
     ("knn.num_bank", _positive_int, "an integer >= 1"),
     ("knn.num_query", _positive_int, "an integer >= 1"),

@@ -11,6 +11,7 @@ official model loads with strict key matching. Any saved step, whatever mesh it 
 """
 
 import argparse
+import os
 import sys
 
 
@@ -36,6 +37,8 @@ def main(argv=None) -> None:
     from siim_jax.interop.files import require_torch
     from siim_jax.train.checkpoint import CheckpointMismatchError
 
+    if os.path.isdir(args.out):
+        fail(f"--out {args.out} is a directory; give a file path, e.g. {os.path.join(args.out, 'weights.' + file_format)}", 2)
     try:
         if file_format == "pth":
             require_torch("--format pth")
@@ -52,6 +55,8 @@ def main(argv=None) -> None:
         fail(str(error), 2)
     except CheckpointMismatchError as error:
         fail(str(error), 1)
+    except OSError as error:  # writing --out: read-only folder, full disk ...
+        fail(f"cannot write {args.out}: {error.strerror or error}", 1)
     what = "full pretraining state" if args.full else f"{args.branch} encoder"
     print(f"exported the {what} of step {int(state.step)} ({len(state_dict)} arrays, {file_format}) to {args.out}",
           flush=True)

@@ -43,6 +43,7 @@ def main(argv):
     from siim_jax.train.checkpoint import Checkpointer
     from siim_jax.train.schedules import learning_rate_fn, training_length
     from siim_jax.train.state import init_train_state
+    from siim_jax.train.workdir_lock import WorkdirBusyError, WorkdirLock
 
     logging.set_verbosity(logging.WARNING)  # library chatter (Orbax) off
     try:
@@ -68,13 +69,19 @@ def main(argv):
                                   allow_partial=_ALLOW_PARTIAL.value, log=lambda m: print(m, flush=True))
     except (config_lib.ConfigError, StateDictMismatchError) as error:
         fail(str(error), 1)
-    os.makedirs(workdir, exist_ok=True)
-    if jax.process_index() == 0:
-        with open(os.path.join(workdir, "config.json"), "w") as f:
-            f.write(config.to_json_best_effort(indent=2))
-    checkpoints = Checkpointer(workdir, config)
-    checkpoints.save(int(state.step), state)
-    checkpoints.close()
+    try:
+        os.makedirs(workdir, exist_ok=True)
+        with WorkdirLock(workdir, enabled=jax.process_index() == 0):
+            if jax.process_index() == 0:
+                with open(os.path.join(workdir, "config.json"), "w") as f:
+                    f.write(config.to_json_best_effort(indent=2))
+            checkpoints = Checkpointer(workdir, config)
+            checkpoints.save(int(state.step), state)
+            checkpoints.close()
+    except WorkdirBusyError as error:
+        fail(str(error), 1)
+    except OSError as error:
+        fail(f"cannot write to {error.filename or workdir}: {error.strerror or error}", 1)
     print(f"saved the imported state to {checkpoints.path(int(state.step))}; continue with: python -m "
           f"siim_jax.train --config <the same recipe> --workdir {workdir}", flush=True)
 

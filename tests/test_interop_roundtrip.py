@@ -251,3 +251,59 @@ def test_import_cli_writes_a_step_that_export_reads_back(states, tmp_path):
 
     again = subprocess.run(command, capture_output=True, text=True, cwd=REPO)  # refuses to overwrite
     assert again.returncode == 2 and again.stderr.count("\n") == 1 and "already holds checkpoints" in again.stderr
+
+
+def test_bfloat16_safetensors_and_half_pth_are_read_as_float32_with_one_notice(tmp_path, caplog):
+    torch = pytest.importorskip("torch")
+    import safetensors.torch
+    generator = torch.Generator().manual_seed(0)
+    sd = {"a.weight": torch.randn(5, 3, generator=generator).to(torch.bfloat16),
+          "b.bias": torch.randn(4, generator=generator).to(torch.bfloat16),
+          "c.weight": torch.randn(2, 2, generator=generator).to(torch.float16)}
+    path = str(tmp_path / "half.safetensors")
+    safetensors.torch.save_file(sd, path)
+    with caplog.at_level("INFO", logger="siim_jax.interop.files"):
+        read = interop.read_state_dict(path)
+    assert set(read) == set(sd)
+    for key, tensor in sd.items():
+        assert read[key].dtype == np.float32
+        np.testing.assert_array_equal(read[key], tensor.float().numpy())
+    notices = [r.getMessage() for r in caplog.records if "converted" in r.getMessage()]
+    assert len(notices) == 1 and "2 bfloat16 arrays" in notices[0] and "1 float16 array" in notices[0]
+
+    caplog.clear()
+    pth = str(tmp_path / "half.pth")
+    torch.save({"model": sd}, pth)
+    with caplog.at_level("INFO", logger="siim_jax.interop.files"):
+        read = interop.read_state_dict(pth)
+    for key, tensor in sd.items():
+        np.testing.assert_array_equal(read[key], tensor.float().numpy())
+    notices = [r.getMessage() for r in caplog.records if "converted" in r.getMessage()]
+    assert len(notices) == 1 and "2 bfloat16 arrays" in notices[0]
+
+
+def test_export_cli_to_a_directory_is_a_one_line_error(tmp_path):
+    out = tmp_path / "existing"
+    out.mkdir()
+    done = subprocess.run([sys.executable, "-m", "siim_jax.export", "--workdir", str(tmp_path / "nowhere"),
+                           "--out", str(out), "--format", "safetensors"], capture_output=True, text=True, cwd=REPO)
+    assert done.returncode == 2, done.stderr
+    assert "error:" in done.stderr and str(out) in done.stderr and "Traceback" not in done.stderr
+    assert "restoring" not in done.stdout  # refused before restoring
+
+
+def test_export_cli_write_failure_is_a_one_line_error(states, tmp_path, capsys):
+    config, source, _ = states
+    workdir = tmp_path / "run"
+    workdir.mkdir()
+    (workdir / "config.json").write_text(config.to_json_best_effort())
+    checkpoints = Checkpointer(str(workdir), config)
+    checkpoints.save(7, source)
+    checkpoints.close()
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a folder")
+    with pytest.raises(SystemExit) as exit_info:  # the parent of --out is a file: makedirs fails (even as root)
+        export_cli.main(["--workdir", str(workdir), "--out", str(blocker / "w.safetensors")])
+    assert exit_info.value.code == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: cannot write") and len(err.strip().splitlines()) == 1

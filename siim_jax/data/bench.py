@@ -62,8 +62,12 @@ class _OfficialStyleDataset:
         import torch
         from PIL import Image
 
-        with open(self.paths[index], "rb") as f:
-            image = Image.open(f).convert("RGB")  # torchvision's pil_loader
+        try:
+            with open(self.paths[index], "rb") as f:
+                image = Image.open(f).convert("RGB")  # torchvision's pil_loader
+        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+            # the official loader does not skip bad files: stop with a message naming the file
+            raise ValueError(f"the official-style baseline cannot read {self.paths[index]}: {e}") from None
         mask = block_mask(np.random.default_rng(index), self.grid, self.num_masked)
         return self.transforms[0](image), self.transforms[1](image), torch.from_numpy(mask)
 
@@ -161,9 +165,14 @@ def main(argv=None) -> None:
     if args.baseline:
         if not hasattr(source, "paths"):
             parser.error("--baseline reads files: use an imagefolder: source")
-        baseline = _report("official-style (PIL + torchvision, one DataLoader worker)",
-                           time_baseline(source.paths, args.steps, args.batch, args.image_size, grid,
-                                         args.num_masked, args.crop_min), 1)
+        try:
+            timed = time_baseline(source.paths, args.steps, args.batch, args.image_size, grid, args.num_masked,
+                                  args.crop_min)
+        except ValueError as e:  # re-raised from the DataLoader worker (see _OfficialStyleDataset)
+            print("error: " + " ".join(str(e).split()) + " (run without --baseline to skip bad files)",
+                  file=sys.stderr)
+            sys.exit(1)
+        baseline = _report("official-style (PIL + torchvision, one DataLoader worker)", timed, 1)
     batches = TwoViewBatches(source, args.batch, args.image_size, args.patch_size, args.num_masked, args.crop_min,
                              seed=0, num_threads=args.threads)
     result = time_pipeline(batches, args.steps)

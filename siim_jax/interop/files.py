@@ -6,12 +6,39 @@ floating arrays as float32, integer arrays only where the key allows it (BatchNo
 """
 
 import argparse
+import logging
 import os
 
 import numpy as np
 
 SAFETENSORS_SUFFIX = ".safetensors"
 INTEGER_KEY_SUFFIXES = ("num_batches_tracked",)  # the only keys that may hold integers
+
+log = logging.getLogger(__name__)
+
+
+def _note_conversions(path: str, counts: dict) -> None:
+    """One notice per file: how many half-precision arrays were widened to float32."""
+    if counts:
+        log.warning("%s: converted %s to float32", path,
+                    ", ".join(f"{n} {name} array{'s' if n > 1 else ''}" for name, n in sorted(counts.items())))
+
+
+def _read_safetensors(path: str) -> dict:
+    """key -> NumPy array; bfloat16 / float16 arrays come back as float32 (one notice per file). Read with
+    safetensors' flax backend, which (unlike its numpy backend) represents bfloat16 (ml_dtypes.bfloat16)."""
+    import ml_dtypes
+    import safetensors
+    out, counts = {}, {}
+    with safetensors.safe_open(path, framework="flax") as f:
+        for key in f.keys():
+            array = np.asarray(f.get_tensor(key))
+            if array.dtype in (np.dtype(np.float16), np.dtype(ml_dtypes.bfloat16)):
+                counts[array.dtype.name] = counts.get(array.dtype.name, 0) + 1
+                array = array.astype(np.float32)
+            out[key] = array
+    _note_conversions(path, counts)
+    return out
 
 
 class CheckpointFileError(ValueError):
@@ -40,10 +67,9 @@ def read_state_dict(path: str) -> dict[str, np.ndarray]:
     if not os.path.isfile(path):
         raise CheckpointFileError(f"checkpoint file {path} does not exist")
     if format_of(path) == "safetensors":
-        import safetensors.numpy
         try:
-            raw = safetensors.numpy.load_file(path)
-        except Exception as error:  # safetensors raises its own error types (bad header, bfloat16 in NumPy ...)
+            raw = _read_safetensors(path)
+        except Exception as error:  # safetensors raises its own error types (bad header, unknown dtype ...)
             raise CheckpointFileError(f"cannot read {path} as safetensors: {error}") from None
     else:
         raw = _read_torch_file(path)
@@ -73,15 +99,19 @@ def _read_torch_file(path: str) -> dict:
         if wrapper in loaded and isinstance(loaded[wrapper], dict):
             loaded = loaded[wrapper]
             break
-    out = {}
+    out, counts = {}, {}
     for key, value in loaded.items():
         if not isinstance(value, torch.Tensor):
             raise CheckpointFileError(f"{path}: entry {key!r} is a {type(value).__name__}, not a tensor; pass a "
                                       "file whose state dict holds only tensors")
         value = value.detach().cpu()
         if value.is_floating_point():
+            if value.dtype in (torch.float16, torch.bfloat16):
+                name = str(value.dtype).removeprefix("torch.")
+                counts[name] = counts.get(name, 0) + 1
             value = value.float()  # float16 / bfloat16 -> float32; NumPy has no bfloat16
         out[key] = value.numpy()
+    _note_conversions(path, counts)
     return out
 
 

@@ -245,6 +245,9 @@ def _train_in_locked_workdir(config, workdir: str, stop_at_step: int | None) -> 
         feature_fn = make_feature_fn(config, graphdef, mesh, shardings)
         bank_images, bank_labels, query_images, query_labels = sets
         num_classes = int(max(bank_labels.max(), query_labels.max())) + 1
+        if config.knn.k > len(bank_images):
+            log.warning("k-NN monitor: config.knn.k=%d exceeds the %d bank images; every query votes with all of "
+                        "them", config.knn.k, len(bank_images))
 
         def run_knn(step):
             kw = dict(batch=config.knn.batch_size, mesh=mesh, rules=rules)
