@@ -102,6 +102,10 @@ def base_config() -> ml_collections.ConfigDict:
     c.mesh.data = -1  # -1: all devices not used by the other axes
     c.mesh.fsdp = 1
     c.mesh.tensor = 1
+    # multi-slice (TPU slices, or processes elsewhere, joined by DCN): how many slices the data / fsdp axes span;
+    # the axes above are then per slice
+    c.mesh.dcn_data = 1
+    c.mesh.dcn_fsdp = 1
     c.mesh.logical_axis_rules = DEFAULT_LOGICAL_AXIS_RULES
     return c
 
@@ -152,6 +156,10 @@ def validate(c: ml_collections.ConfigDict) -> None:
         if not (isinstance(size, int) and (size >= 1 or size == -1)):
             raise ConfigError(f"config.mesh.{axis}={size!r} is out of range; valid: an integer >= 1, or -1 "
                               "(all devices the other axes leave)")
+    for axis in ("dcn_data", "dcn_fsdp"):
+        if not _positive_int(c.mesh[axis]):
+            raise ConfigError(f"config.mesh.{axis}={c.mesh[axis]!r} is out of range; valid: an integer >= 1 (slices "
+                              "that axis spans over DCN)")
     if [c.mesh[a] for a in ("data", "fsdp", "tensor")].count(-1) > 1:
         raise ConfigError("config.mesh.data/fsdp/tensor: at most one of them may be -1")
 

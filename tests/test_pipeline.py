@@ -8,7 +8,7 @@ IMAGES, LABELS = make_builtin_images(seed=0, num_images=40, image_size=24)
 
 
 def _batches(seed=0, **kw):
-    args = dict(batch_size=4, out_size=16, patch_size=4, num_masked=7, crop_min=0.2, seed=seed)
+    args = dict(global_batch=4, out_size=16, patch_size=4, num_masked=7, crop_min=0.2, seed=seed)
     args.update(kw)
     return TwoViewBatches(IMAGES, **args)
 
@@ -53,9 +53,9 @@ def test_iterate_resumes_exactly():
 
 
 def test_processes_split_the_global_batch():
-    p0 = _batches(process_index=0, process_count=2)
-    p1 = _batches(process_index=1, process_count=2)
-    single = _batches(batch_size=8)
+    p0 = _batches(global_batch=8, rows=np.arange(0, 4))
+    p1 = _batches(global_batch=8, rows=np.arange(4, 8))
+    single = _batches(global_batch=8)
     assert p0.steps_per_epoch == 5
     for step in range(6):
         i0, i1 = p0.indices_at(step), p1.indices_at(step)
@@ -68,7 +68,7 @@ def test_processes_split_the_global_batch():
 
 def test_bad_sizes_raise():
     with pytest.raises(ValueError, match="global batch"):
-        _batches(batch_size=41)
+        _batches(global_batch=41)
     with pytest.raises(ValueError, match="num_masked=17"):
         _batches(num_masked=17)
 

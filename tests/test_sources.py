@@ -135,7 +135,7 @@ def test_a_source_of_only_bad_files_stops_with_a_clear_error(tmp_path):
 
 def test_two_processes_read_disjoint_files_and_rebuild_the_global_batch(tree):
     source = ImageFolderSource(str(tree))
-    hosts = [TwoViewBatches(source, 5, 16, 4, 5, 0.2, seed=2, process_index=p, process_count=2) for p in (0, 1)]
+    hosts = [TwoViewBatches(source, 10, 16, 4, 5, 0.2, seed=2, rows=np.arange(5 * p, 5 * p + 5)) for p in (0, 1)]
     single = TwoViewBatches(source, 10, 16, 4, 5, 0.2, seed=2)
     for step in range(4):
         parts = [h.batch_and_skipped(step) for h in hosts]

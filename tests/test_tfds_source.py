@@ -146,8 +146,8 @@ def test_concurrent_reads_equal_serial_reads(source):
 
 def test_two_processes_read_disjoint_halves_of_the_one_process_batch(source):
     args = {"out_size": 16, "patch_size": 4, "num_masked": 6, "crop_min": 0.2, "seed": 3}
-    single = TwoViewBatches(source, batch_size=4, **args)
-    halves = [TwoViewBatches(source, batch_size=2, process_index=p, process_count=2, **args) for p in (0, 1)]
+    single = TwoViewBatches(source, global_batch=4, **args)
+    halves = [TwoViewBatches(source, global_batch=4, rows=np.arange(2 * p, 2 * p + 2), **args) for p in (0, 1)]
     truncated_index = next(i for i in range(len(source)) if source.read(i) == TRUNCATED)
     with_truncated = next(step for step in range(100) if truncated_index in single.indices_at(step))
     saw_truncated = False

@@ -27,7 +27,7 @@ def run_steps(config, devices, num_steps):
                              config.data.crop_min, config.seed)
     states, metrics = [jax.device_get(state)], []
     for s in range(num_steps):
-        state, m = step_fn(state, global_batch(batches.batch_at(s), mesh, rules))
+        state, m = step_fn(state, global_batch(batches.batch_at(s), mesh, rules, config.batch_size))
         states.append(jax.device_get(state))
         metrics.append(jax.device_get(m))
     return states, metrics, state

@@ -35,32 +35,35 @@ def _epoch_permutation(seed: int, epoch: int, n: int) -> np.ndarray:
 
 
 class TwoViewBatches:
-    """Batches as a pure function of (seed, step, process_index), over any random-access source.
+    """Batches as a pure function of (seed, step, rows), over any random-access source.
 
-    Step `step` of epoch e = step // steps_per_epoch takes a contiguous window of batch_size * process_count
-    examples of the permutation `default_rng([seed, e]).permutation(n)` (the last partial window is dropped);
-    process p takes its slice [p*batch_size, (p+1)*batch_size), so no two processes read the same example and
-    the global batch of a step does not depend on the number of processes. The example at global position q of
-    the step uses `default_rng([seed, step, q])` for its views and mask. An example that cannot be decoded is
+    Step `step` of epoch e = step // steps_per_epoch takes a contiguous window of `global_batch` examples of the
+    permutation `default_rng([seed, e]).permutation(n)` (the last partial window is dropped). A process builds
+    only the global positions `rows` of that window (its devices' rows, `siim_jax.parallel.sharding.local_rows`;
+    default all), so the global batch of a step does not depend on the number of processes or the mesh, and
+    processes holding the same rows build the same examples. The example at global position q of the step uses
+    `default_rng([seed, step, q])` for its views and mask. An example that cannot be decoded is
     logged, counted and replaced by the example `default_rng([seed, step, q, a]).integers(n)` (attempt a = 1, 2,
     ...), drawn with that generator's views and mask: the stream stays deterministic and shapes static.
     `images` is a source (`siim_jax.data.sources`) or a uint8 (N, H, W, 3) array.
     """
 
-    def __init__(self, images, batch_size: int, out_size: int, patch_size: int, num_masked: int,
-                 crop_min: float, seed: int, process_index: int = 0, process_count: int = 1,
-                 num_threads: int = 2):
+    def __init__(self, images, global_batch: int, out_size: int, patch_size: int, num_masked: int,
+                 crop_min: float, seed: int, rows=None, owned=None, num_threads: int = 2):
         self.source = ArraySource(images) if isinstance(images, np.ndarray) else images
-        self.batch_size = batch_size
         self.out_size = out_size
         self.grid = out_size // patch_size
         self.num_masked = num_masked
         self.crop_min = crop_min
         self.seed = seed
-        self.process_index = process_index
-        self.process_count = process_count
+        self.global_batch = global_batch
+        self.rows = np.arange(global_batch) if rows is None else np.asarray(rows, np.int64)
+        if len(self.rows) == 0 or self.rows.min() < 0 or self.rows.max() >= global_batch:
+            raise ValueError(f"rows must be positions in [0, {global_batch}), got {self.rows}")
+        self.batch_size = len(self.rows)  # rows this process builds
+        # rows whose replaced examples this process reports in `skipped` (the others' are another's to count)
+        self.owned = np.ones(self.batch_size, bool) if owned is None else np.asarray(owned, bool)
         self.num_threads = num_threads
-        self.global_batch = batch_size * process_count
         self.steps_per_epoch = len(self.source) // self.global_batch
         if self.steps_per_epoch == 0:
             raise ValueError(f"the source has {len(self.source)} examples, fewer than the global batch "
@@ -69,11 +72,10 @@ class TwoViewBatches:
             raise ValueError(f"num_masked={num_masked} must be in [0, {self.grid * self.grid}]")
 
     def indices_at(self, step: int) -> np.ndarray:
-        """Source indices int64 (batch_size,) of this process's examples at `step` (before replacements)."""
+        """Source indices int64 (len(rows),) of this process's examples at `step` (before replacements)."""
         epoch, position = divmod(step, self.steps_per_epoch)
         permutation = _epoch_permutation(self.seed, epoch, len(self.source))
-        start = position * self.global_batch + self.process_index * self.batch_size
-        return permutation[start:start + self.batch_size]
+        return permutation[position * self.global_batch + self.rows]
 
     def example(self, step: int, position: int, index: int):
         """(view1, view2, geometry, mask, skipped descriptions) of global `position` at `step`."""
@@ -108,11 +110,11 @@ class TwoViewBatches:
         skipped files."""
         skipped = []
         for row in rows:
-            view1, view2, geometry, mask, bad = self.example(step, self.process_index * self.batch_size + row,
-                                                             int(indices[row]))
+            view1, view2, geometry, mask, bad = self.example(step, int(self.rows[row]), int(indices[row]))
             batch["view1"][row], batch["view2"][row], batch["geometry"][row], batch["mask"][row] = \
                 view1, view2, geometry, mask
-            skipped += bad
+            if self.owned[row]:
+                skipped += bad
         return skipped
 
     def batch_and_skipped(self, step: int) -> tuple[dict, tuple[str, ...]]:

@@ -30,7 +30,7 @@ class MAE(nnx.Module):
                                          image_size=mc.image_size, mlp_ratio=mc.mlp_ratio, final_norm=True,
                                          dtype=dtype, rngs=rngs)
         self.decoder_embed = dense(width, dd, ("embed", "mlp"), dtype=dtype, rngs=rngs)
-        self.mask_token = nnx.Param(token_init(rngs.params(), (1, 1, dd)), out_sharding=(None, None, "embed"))
+        self.mask_token = nnx.Param(token_init(rngs.params(), (1, 1, dd)), logical_axes=(None, None, "embed"))
         self.decoder_blocks = nnx.List([Block(dd, mc.mae_decoder_heads, mc.mlp_ratio, dtype=dtype, rngs=rngs)
                                         for _ in range(mc.mae_decoder_depth)])
         self.decoder_norm = layer_norm(dd, rngs=rngs)

@@ -28,7 +28,7 @@ class SiameseBranch(nnx.Module):
                                          image_size=mc.image_size, mlp_ratio=mc.mlp_ratio,
                                          init_values=mc.init_values, dtype=dtype, rngs=rngs)
         self.decoder_embed = dense(width, dd, ("embed", "mlp"), dtype=dtype, rngs=rngs)
-        self.mask_token = nnx.Param(token_init(rngs.params(), (1, 1, dd)), out_sharding=(None, None, "embed"))
+        self.mask_token = nnx.Param(token_init(rngs.params(), (1, 1, dd)), logical_axes=(None, None, "embed"))
         norm = "ln" if mc.use_proj_ln else "bn"
         self.projector_decoder_blocks = nnx.List(
             [Block(dd, mc.decoder_heads, mc.mlp_ratio, norm=norm, dtype=dtype, rngs=rngs)

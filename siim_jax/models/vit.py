@@ -1,6 +1,6 @@
 """Vision Transformer pieces shared by the encoder, the SiameseIM projector/predictor and the MAE decoder.
 
-Every parameter carries logical axis names (`out_sharding` metadata) that siim_jax.parallel maps to mesh axes.
+Every parameter carries logical axis names (`logical_axes` metadata) that siim_jax.parallel maps to mesh axes.
 Parameters are float32; matrix products run in the compute dtype; norms, softmax and residuals stay float32.
 """
 
@@ -23,12 +23,12 @@ def dense(in_features: int, out_features: int, axes: tuple, *, dtype, rngs: nnx.
     """Linear with xavier-uniform weights, zero bias and logical axes `axes` = (in, out)."""
     return nnx.Linear(in_features, out_features, dtype=dtype, param_dtype=jnp.float32,
                       kernel_init=xavier_uniform, rngs=rngs,
-                      kernel_metadata={"out_sharding": axes}, bias_metadata={"out_sharding": axes[1:]})
+                      kernel_metadata={"logical_axes": axes}, bias_metadata={"logical_axes": axes[1:]})
 
 
 def layer_norm(features: int, eps: float = 1e-6, *, rngs: nnx.Rngs) -> nnx.LayerNorm:
     return nnx.LayerNorm(features, epsilon=eps, dtype=jnp.float32, param_dtype=jnp.float32, rngs=rngs,
-                         scale_metadata={"out_sharding": (None,)}, bias_metadata={"out_sharding": (None,)})
+                         scale_metadata={"logical_axes": (None,)}, bias_metadata={"logical_axes": (None,)})
 
 
 class BatchNorm(nnx.Module):
@@ -42,10 +42,10 @@ class BatchNorm(nnx.Module):
 
     def __init__(self, features: int, *, momentum: float = 0.9, eps: float = 1e-5):
         self.momentum, self.eps = momentum, eps
-        self.scale = nnx.Param(jnp.ones((features,)), out_sharding=(None,))
-        self.bias = nnx.Param(jnp.zeros((features,)), out_sharding=(None,))
-        self.mean = nnx.BatchStat(jnp.zeros((features,)), out_sharding=(None,))
-        self.var = nnx.BatchStat(jnp.ones((features,)), out_sharding=(None,))
+        self.scale = nnx.Param(jnp.ones((features,)), logical_axes=(None,))
+        self.bias = nnx.Param(jnp.zeros((features,)), logical_axes=(None,))
+        self.mean = nnx.BatchStat(jnp.zeros((features,)), logical_axes=(None,))
+        self.var = nnx.BatchStat(jnp.ones((features,)), logical_axes=(None,))
 
     def __call__(self, x):
         x = x.astype(jnp.float32)
@@ -74,12 +74,12 @@ class Attention(nnx.Module):
         fan = lambda i, o: nnx.initializers.variance_scaling(1.0, "fan_avg", "uniform", in_axis=i, out_axis=o)
         self.qkv = nnx.Einsum("ntd,dshk->ntshk", (width, 3, heads, hd), (3, heads, hd), dtype=dtype,
                               kernel_init=fan(0, (1, 2, 3)), rngs=rngs,
-                              kernel_metadata={"out_sharding": ("embed", None, "heads", None)},
-                              bias_metadata={"out_sharding": (None, "heads", None)})
+                              kernel_metadata={"logical_axes": ("embed", None, "heads", None)},
+                              bias_metadata={"logical_axes": (None, "heads", None)})
         self.proj = nnx.Einsum("nthk,hkd->ntd", (heads, hd, width), (width,), dtype=dtype,
                                kernel_init=fan((0, 1), 2), rngs=rngs,
-                               kernel_metadata={"out_sharding": ("heads", None, "embed")},
-                               bias_metadata={"out_sharding": ("embed",)})
+                               kernel_metadata={"logical_axes": ("heads", None, "embed")},
+                               bias_metadata={"logical_axes": ("embed",)})
 
     def __call__(self, x):  # (N, T, D) -> (N, T, D)
         qkv = self.qkv(x)  # (N, T, 3, heads, head_dim)
@@ -107,8 +107,8 @@ class Block(nnx.Module):
         self.norm2 = make_norm()
         self.mlp = Mlp(width, int(width * mlp_ratio), dtype=dtype, rngs=rngs)
         if init_values > 0:
-            self.ls1 = nnx.Param(jnp.full((width,), init_values), out_sharding=(None,))
-            self.ls2 = nnx.Param(jnp.full((width,), init_values), out_sharding=(None,))
+            self.ls1 = nnx.Param(jnp.full((width,), init_values), logical_axes=(None,))
+            self.ls2 = nnx.Param(jnp.full((width,), init_values), logical_axes=(None,))
         else:
             self.ls1 = self.ls2 = None
 
@@ -128,8 +128,8 @@ class PatchEmbed(nnx.Module):
         init = nnx.initializers.variance_scaling(1.0, "fan_avg", "uniform", in_axis=(0, 1, 2), out_axis=3)
         self.proj = nnx.Conv(3, width, (patch, patch), strides=(patch, patch), padding="VALID", dtype=dtype,
                              param_dtype=jnp.float32, kernel_init=init, rngs=rngs,
-                             kernel_metadata={"out_sharding": (None, None, None, "embed")},
-                             bias_metadata={"out_sharding": ("embed",)})
+                             kernel_metadata={"logical_axes": (None, None, None, "embed")},
+                             bias_metadata={"logical_axes": ("embed",)})
 
     def __call__(self, images):
         x = self.proj(images)
@@ -149,9 +149,9 @@ class VisionTransformer(nnx.Module):
         self.grid = image_size // patch
         self.width = width
         self.patch_embed = PatchEmbed(patch, width, dtype=dtype, rngs=rngs)
-        self.cls_token = nnx.Param(token_init(rngs.params(), (1, 1, width)), out_sharding=(None, None, "embed"))
+        self.cls_token = nnx.Param(token_init(rngs.params(), (1, 1, width)), logical_axes=(None, None, "embed"))
         self.pos_embed = nnx.Param(jnp.asarray(sincos_2d(width, self.grid, class_token=True))[None],
-                                   out_sharding=(None, None, "embed"))
+                                   logical_axes=(None, None, "embed"))
         self.blocks = nnx.List([Block(width, heads, mlp_ratio, init_values=init_values, dtype=dtype, rngs=rngs)
                                 for _ in range(depth)])
         self.norm = layer_norm(width, rngs=rngs) if final_norm else None

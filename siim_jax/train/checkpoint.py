@@ -150,7 +150,8 @@ class Checkpointer:
             "nothing was changed there: to start afresh use another --workdir, or move those step folders away")
 
     def set_aside(self, steps, why: str) -> None:
-        """Moves step folders to <workdir>/checkpoints_unusable/<step>-<time> (process 0 only), never deleting."""
+        """Moves step folders to <workdir>/checkpoints_unusable/<step>-<time> (process 0 moves, every process
+        calls this at the same point), never deleting."""
         self.manager.wait_until_finished()
         steps = [s for s in steps if s in self.manager.all_steps()]
         if steps and jax.process_index() == 0:
@@ -161,6 +162,9 @@ class Checkpointer:
                 shutil.move(self.path(step), destination)
                 log.warning("moved the %s checkpoint %s to %s (kept, not deleted)", why, self.path(step),
                             destination)
+        if steps and jax.process_count() > 1:  # the others list the directory only after process 0 moved
+            from jax.experimental import multihost_utils
+            multihost_utils.sync_global_devices("siim_jax checkpoints set aside")
         self.manager.reload()
 
     def path(self, step: int | None) -> str:

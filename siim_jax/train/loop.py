@@ -29,7 +29,9 @@ from siim_jax.data.pipeline import TwoViewBatches
 from siim_jax.data.sources import ArraySource, BadImageError, load_rgb, open_source
 from siim_jax.data.views import eval_view
 from siim_jax.eval.knn import knn_top1
-from siim_jax.parallel.sharding import batch_sharding, batch_shards, create_mesh, global_batch, replicated
+from siim_jax.parallel.distributed import StopVote, sum_over_processes
+from siim_jax.parallel.sharding import (batch_sharding, batch_shards, create_mesh, global_batch, local_rows,
+                                        owned_rows_mask, replicated)
 from siim_jax.train.checkpoint import Checkpointer
 from siim_jax.train.schedules import ema_momentum_fn, learning_rate_fn, training_length
 from siim_jax.train.state import abstract_train_state, init_train_state, merge_params
@@ -87,7 +89,8 @@ class MetricsWriter:
 
 
 class StopRequest:
-    """SIGTERM / SIGINT set a flag the loop checks between steps (save, then exit cleanly)."""
+    """SIGTERM / SIGINT set a flag the loop votes on between steps (StopVote: every process stops after the same
+    step, saves it, exits with the resumable status)."""
 
     def __init__(self):
         self.signal = None
@@ -99,8 +102,8 @@ class StopRequest:
         if self.signal is not None and signum == signal.SIGINT:
             raise KeyboardInterrupt  # a second Ctrl-C stops at once
         self.signal = signum
-        log.warning("received %s: saving a checkpoint at the end of this step, then exiting",
-                        signal.Signals(signum).name)
+        log.warning("received %s: all processes stop within %d steps, save that step, then exit",
+                    signal.Signals(signum).name, StopVote.LAG + 1)
 
     def restore(self):
         for s, handler in self.previous.items():
@@ -126,17 +129,16 @@ def make_feature_fn(config, graphdef, mesh, shardings):
 
 
 def extract_features(feature_fn, state, images: np.ndarray, batch: int, mesh, rules) -> np.ndarray:
-    """Features (N, D) of host images (N, H, W, 3), the same on every process; each process feeds its slice of
-    every (padded) batch."""
-    shards = math.lcm(batch_shards(mesh, rules), jax.process_count())
+    """Features (N, D) of host images (N, H, W, 3), the same on every process; each process feeds the rows of
+    every (padded) batch that its devices hold."""
+    shards = batch_shards(mesh, rules)
     batch = math.ceil(batch / shards) * shards
-    local = batch // jax.process_count()
-    first = jax.process_index() * local
+    rows = local_rows(mesh, rules, batch)
     out = []
     for start in range(0, len(images), batch):
         chunk = images[start:start + batch]
         padded = np.concatenate([chunk, np.zeros((batch - len(chunk),) + chunk.shape[1:], chunk.dtype)])
-        inputs = global_batch({"images": padded[first:first + local]}, mesh, rules)["images"]
+        inputs = global_batch({"images": padded[rows]}, mesh, rules, batch)["images"]
         out.append(np.asarray(feature_fn(state.params, state.ema_params, state.batch_stats, inputs))[:len(chunk)])
     return np.concatenate(out)
 
@@ -171,12 +173,12 @@ def knn_sets(config: ml_collections.ConfigDict, source):
     return images[:bank_n], labels[:bank_n], images[bank_n:], labels[bank_n:]
 
 
-def device_prefetch(host_batches, mesh, rules, size: int = 2):
-    """(host batch, skipped) pairs -> (global device batch, skipped), with the next `size` batches already on
-    their way to the devices while the current step runs."""
+def device_prefetch(host_batches, mesh, rules, global_rows: int, size: int = 2):
+    """(host rows of a batch, skipped) pairs -> (global device batch of `global_rows` rows, skipped), with the
+    next `size` batches already on their way to the devices while the current step runs."""
     queue = collections.deque()
     for batch, skipped in host_batches:
-        queue.append((global_batch(batch, mesh, rules), skipped))
+        queue.append((global_batch(batch, mesh, rules, global_rows), skipped))
         if len(queue) > size:
             yield queue.popleft()
     while queue:
@@ -214,10 +216,11 @@ def _train_in_locked_workdir(config, workdir: str, stop_at_step: int | None) -> 
         raise config_lib.ConfigError(
             f"config.batch_size={config.batch_size} is larger than the {len(source)} images of "
             f"config.data.source={config.data.source!r}; valid range: 1..{len(source)}")
-    batches = TwoViewBatches(source, config.batch_size // jax.process_count(), config.model.image_size, patch,
-                             config.data.num_masked, config.data.crop_min, config.seed,
-                             process_index=jax.process_index(), process_count=jax.process_count(),
-                             num_threads=config.data.threads)
+    # each process builds exactly the rows of the global batch its devices hold (shared rows: built by every
+    # holder, counted by the lowest-index one)
+    batches = TwoViewBatches(source, config.batch_size, config.model.image_size, patch, config.data.num_masked,
+                             config.data.crop_min, config.seed, rows=local_rows(mesh, rules, config.batch_size),
+                             owned=owned_rows_mask(mesh, rules, config.batch_size), num_threads=config.data.threads)
 
     length = training_length(config, len(source))
     lr_fn, momentum_fn = learning_rate_fn(config, length), ema_momentum_fn(config, length)
@@ -232,8 +235,9 @@ def _train_in_locked_workdir(config, workdir: str, stop_at_step: int | None) -> 
         log.info("resumed from %s", checkpoints.path(resume_step))
     start = int(state.step)
     metrics_writer = MetricsWriter(workdir, resume_step)
-    # undecodable examples replaced so far, carried over a resume by the checkpoint
-    skipped_total = int(counters.get("data_skipped_total", 0))
+    # undecodable examples replaced so far (all processes), carried over a resume by the checkpoint
+    skipped_before = int(counters.get("data_skipped_total", 0))
+    skipped_here = 0  # this process's share since this run started; summed over processes when logged or saved
 
     train_step = jit_train_step(config, graphdef, tx, lr_fn, momentum_fn, mesh, shardings)
 
@@ -261,7 +265,7 @@ def _train_in_locked_workdir(config, workdir: str, stop_at_step: int | None) -> 
         if start == 0:
             run_knn(0)
 
-    stop = StopRequest()
+    stop, vote = StopRequest(), StopVote(mesh)
     pending = []  # (step, device metrics) not yet checked for finiteness
     last_good = {}
 
@@ -282,15 +286,21 @@ def _train_in_locked_workdir(config, workdir: str, stop_at_step: int | None) -> 
             last_good.update(values)
         pending = []
 
+    def run_counters(step) -> dict:
+        """Counts over all processes and the whole run (resumes included); a collective when multi-process."""
+        return {"data_skipped_total": skipped_before + sum_over_processes(skipped_here),
+                "images_seen": step * config.batch_size}
+
     progress = tqdm.tqdm(total=length.total_steps, initial=start, desc="pretrain", unit="step",
                          dynamic_ncols=True, mininterval=1.0, disable=jax.process_index() != 0)
     interrupted = False
     try:
         timer, timed_steps = None, 0  # throughput over training steps only: no compilation, k-NN or saving
-        device_batches = device_prefetch(batches.iterate(start), mesh, rules)
+        device_batches = device_prefetch(batches.iterate(start), mesh, rules, config.batch_size)
         for step_index, (batch, skipped) in zip(range(start, length.total_steps), device_batches):
             state, metrics = train_step(state, batch)
-            skipped_total += len(skipped)
+            stop_agreed = vote.step(stop.signal is not None)  # the same answer on every process
+            skipped_here += len(skipped)
             step = step_index + 1
             pending.append((step, metrics))
             progress.update(1)
@@ -305,17 +315,17 @@ def _train_in_locked_workdir(config, workdir: str, stop_at_step: int | None) -> 
                 jax.block_until_ready(metrics)
                 rate = timed_steps * config.batch_size / (time.perf_counter() - timer) if timed_steps else math.nan
                 check_pending()
-                metrics_writer.write(step, {**last_good, "images_per_sec": rate,
-                                            "data_skipped_total": skipped_total})
+                counts = run_counters(step)
+                metrics_writer.write(step, {**last_good, "images_per_sec": rate, **counts})
                 progress.set_postfix(loss=f"{last_good['loss']:.4f}", img_s=f"{rate:.1f}")
                 reset_timer = True
             if knn_enabled and (step % config.eval_every_steps == 0 or is_last):
                 run_knn(step)
                 reset_timer = True
-            interrupted = stop.signal is not None or step == stop_at_step
+            interrupted = stop_agreed or step == stop_at_step
             if step % config.checkpoint_every_steps == 0 or is_last or interrupted:
                 check_pending()
-                checkpoints.save(step, state, {"data_skipped_total": skipped_total})
+                checkpoints.save(step, state, run_counters(step))
                 reset_timer = True
             if interrupted:
                 break
@@ -334,7 +344,7 @@ def _train_in_locked_workdir(config, workdir: str, stop_at_step: int | None) -> 
     summary = {"step": final_step, "total_steps": length.total_steps, "interrupted": interrupted,
                "final_loss": logged_losses[-1] if logged_losses else math.nan,
                "knn_top1_start": knn[0] if knn else None, "knn_top1_end": knn[-1] if knn else None,
-               "data_skipped_total": skipped_total,
+               "data_skipped_total": skipped_before + sum_over_processes(skipped_here),
                "checkpoint": checkpoints.path(final_step), "workdir": os.path.abspath(workdir)}
     return summary
 

@@ -13,6 +13,10 @@ USAGE = "usage: python -m siim_jax.train --config configs/<recipe>.py --workdir 
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Recipe file in configs/.", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and the resolved config.")
+_COORDINATOR = flags.DEFINE_string("coordinator_address", None, "Multi-process runs: host:port of process 0's "
+                                   "coordinator (default: $JAX_COORDINATOR_ADDRESS, or found on TPU VMs / SLURM).")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Multi-process runs: how many processes in all.")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "Multi-process runs: this process's index, 0..n-1.")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -23,13 +27,25 @@ def main(argv):
     from siim_jax.config import ConfigError
     from siim_jax.data.pipeline import TooManyBadImagesError
     from siim_jax.data.sources import SourceError
+    from siim_jax.parallel import distributed
     from siim_jax.train.checkpoint import CheckpointMismatchError, CheckpointUnusableError, NonFiniteStateError
     from siim_jax.train.loop import NonFiniteLossError, format_summary, train_and_evaluate
     from siim_jax.train.workdir_lock import WorkdirBusyError
 
     logging.set_verbosity(logging.WARNING)  # library chatter (Orbax) off; siim_jax's own progress on
-    py_logging.getLogger("siim_jax").setLevel(py_logging.INFO)
-    py_logging.getLogger("siim_jax").info("devices: %s", jax.devices())
+    own = py_logging.getLogger("siim_jax")
+    own.setLevel(py_logging.INFO)
+    for handler in py_logging.getLogger().handlers:  # every record, whichever logger: "[process i/n] ..."
+        handler.addFilter(distributed.ProcessPrefix())
+    try:
+        distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+    except distributed.DistributedSetupError as e:
+        fail(str(e), EXIT_USAGE, USAGE)
+    except Exception as e:  # noqa: BLE001 - the coordinator did not answer, a peer never joined, ...
+        fail(f"could not join the other processes ({type(e).__name__}: {str(e).strip()[:300]}); check "
+             "--coordinator_address (reachable from every process, port free) and that all --num_processes "
+             "processes were started", EXIT_FAILED)
+    own.info("devices: %s", jax.devices() if jax.device_count() <= 16 else f"{jax.device_count()} devices")
     try:
         config = _CONFIG.value
         config.seed  # a recipe that failed to load raises here

@@ -1,0 +1,87 @@
+#!/usr/bin/env bash
+# Runs N training processes on this machine over localhost, each with K fake CPU devices: one mesh over N*K
+# devices, the same multi-process code path (jax.distributed, per-process data feeding, pod-safe stop,
+# multi-host checkpoints) as a TPU pod or a GPU cluster.
+#
+#   bash launch/local.sh 2 --devices-per-process 4 --config configs/demo.py --workdir /tmp/siim_mp \
+#       --config.mesh.fsdp=2
+#
+# SIGTERM / SIGINT to this script go to every process (they stop after the same step and save it). When one
+# process fails, the others are stopped. Exit status: 0 all finished, 75 stopped and resumable (rerun the same
+# command), otherwise the status of the first process that failed.
+set -euo pipefail
+
+usage() {
+  cat <<'EOF'
+usage: bash launch/local.sh N [--devices-per-process K] [--port P] [train flags...]
+
+Starts N processes of `python -m siim_jax.train [train flags...]` on this machine, joined over
+localhost:P (default: a free port), each with K fake CPU devices (default 1).
+Exit status: 0 finished, 75 stopped on request (resumable), else the first failing process's status.
+EOF
+}
+
+if [[ $# -lt 1 || "$1" == "-h" || "$1" == "--help" ]]; then
+  usage
+  [[ $# -ge 1 ]] && exit 0
+  exit 2
+fi
+if ! [[ "$1" =~ ^[1-9][0-9]*$ ]]; then
+  echo "launch/local.sh: error: N must be a positive integer, got '$1'" >&2
+  exit 2
+fi
+processes="$1"
+shift
+devices=1
+port=""
+train_flags=()
+while [[ $# -gt 0 ]]; do
+  case "$1" in
+    --devices-per-process) devices="${2:-}"; shift 2 || { echo "launch/local.sh: error: $1 needs a value" >&2; exit 2; } ;;
+    --devices-per-process=*) devices="${1#*=}"; shift ;;
+    --port) port="${2:-}"; shift 2 || { echo "launch/local.sh: error: --port needs a value" >&2; exit 2; } ;;
+    --port=*) port="${1#*=}"; shift ;;
+    *) train_flags+=("$1"); shift ;;
+  esac
+done
+if ! [[ "$devices" =~ ^[1-9][0-9]*$ ]]; then
+  echo "launch/local.sh: error: --devices-per-process must be a positive integer, got '$devices'" >&2
+  exit 2
+fi
+python="${PYTHON:-python}"
+if [[ -z "$port" ]]; then
+  port="$("$python" -c 'import socket; s = socket.socket(); s.bind(("localhost", 0)); print(s.getsockname()[1])')"
+fi
+
+pids=()
+forward() {  # a stop request reaches every process
+  for pid in "${pids[@]}"; do kill -s "$1" "$pid" 2>/dev/null || true; done
+}
+trap 'forward TERM' TERM
+trap 'forward INT' INT
+
+for ((i = 0; i < processes; i++)); do
+  XLA_FLAGS="${XLA_FLAGS:-} --xla_force_host_platform_device_count=${devices}" JAX_PLATFORMS=cpu \
+    "$python" -m siim_jax.train "${train_flags[@]}" --coordinator_address "localhost:${port}" \
+    --num_processes "$processes" --process_id "$i" &
+  pids+=("$!")
+done
+
+declare -A alive=()
+for pid in "${pids[@]}"; do alive[$pid]=1; done
+status=0
+while [[ ${#alive[@]} -gt 0 ]]; do
+  finished=""
+  code=0
+  wait -n -p finished "${!alive[@]}" || code=$?
+  [[ -z "$finished" ]] && continue  # wait was interrupted by a forwarded signal, not by a process ending
+  unset "alive[$finished]"
+  if [[ $code -ne 0 && $code -ne 75 && ( $status -eq 0 || $status -eq 75 ) ]]; then
+    status=$code
+    echo "launch/local.sh: a process exited with status $code; stopping the others in 10 s" >&2
+    (sleep 10; forward KILL) &  # they may be exiting on the same error; a hung collective would never end
+  elif [[ $code -eq 75 && $status -eq 0 ]]; then
+    status=75
+  fi
+done
+exit "$status"

@@ -1,0 +1,129 @@
+"""Multi-process start-up for the entry points (train, export, evaluation commands): `initialize` once, first.
+
+Where the processes come from, in order:
+1. explicit values (command-line flags) or the environment variables JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES,
+   JAX_PROCESS_ID: `jax.distributed.initialize(address, n, i)`;
+2. SLURM with more than one task (SLURM_JOB_ID, SLURM_NTASKS > 1) or a Cloud TPU VM (/dev/accel* or /dev/vfio
+   devices, TPU_WORKER_HOSTNAMES): `jax.distributed.initialize()`, which reads the cluster itself;
+3. otherwise one process, and nothing is called.
+On the CPU platform the cross-process collectives use gloo. Library code never calls this: only entry points
+change process-wide settings.
+"""
+
+import collections
+import glob
+import logging
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec
+
+log = logging.getLogger(__name__)
+
+COORDINATOR_ENV, NUM_PROCESSES_ENV, PROCESS_ID_ENV = "JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID"
+
+
+class DistributedSetupError(RuntimeError):
+    """Inconsistent or unusable process settings; the message names the flag or variable to fix."""
+
+
+def _cluster_kind() -> str | None:
+    """'slurm' or 'tpu' when this process runs where jax.distributed.initialize() can find its peers itself."""
+    env = os.environ
+    if "SLURM_JOB_ID" in env and int(env.get("SLURM_NTASKS", "1") or 1) > 1:
+        return "slurm"
+    if env.get("TPU_WORKER_HOSTNAMES") or glob.glob("/dev/accel[0-9]*") or glob.glob("/dev/vfio/[0-9]*"):
+        return "tpu"
+    return None
+
+
+def resolve(coordinator_address: str | None = None, num_processes: int | None = None,
+            process_id: int | None = None) -> dict | None:
+    """The explicit settings (flags, then environment) as initialize() kwargs, or None when none are given."""
+    env = os.environ
+    address = coordinator_address or env.get(COORDINATOR_ENV) or None
+    count = num_processes if num_processes is not None else env.get(NUM_PROCESSES_ENV)
+    index = process_id if process_id is not None else env.get(PROCESS_ID_ENV)
+    if address is None and count is None and index is None:
+        return None
+    try:
+        count = int(count) if count is not None else None
+        index = int(index) if index is not None else None
+    except ValueError:
+        raise DistributedSetupError(f"--num_processes={count!r} / --process_id={index!r} must be integers") from None
+    if address is None or count is None or index is None:
+        missing = [name for name, v in (("--coordinator_address", address), ("--num_processes", count),
+                                        ("--process_id", index)) if v is None]
+        raise DistributedSetupError(f"multi-process start needs all three of --coordinator_address, "
+                                    f"--num_processes, --process_id (or {COORDINATOR_ENV}, {NUM_PROCESSES_ENV}, "
+                                    f"{PROCESS_ID_ENV}); missing: {', '.join(missing)}")
+    if count < 1 or not 0 <= index < count:
+        raise DistributedSetupError(f"--process_id={index} must be in 0..{count - 1} (--num_processes={count})")
+    if ":" not in address:
+        raise DistributedSetupError(f"--coordinator_address={address!r} must be host:port, e.g. localhost:12355")
+    return {"coordinator_address": address, "num_processes": count, "process_id": index}
+
+
+def initialize(coordinator_address: str | None = None, num_processes: int | None = None,
+               process_id: int | None = None) -> None:
+    """Joins this process to the others (see the module docstring); logs `process i/n, local devices, global
+    devices` once. Call before anything touches a device."""
+    global _prefix
+    explicit = resolve(coordinator_address, num_processes, process_id)
+    multi = explicit["num_processes"] > 1 if explicit is not None else _cluster_kind() is not None
+    if multi:
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")  # CPU devices only; others keep theirs
+        jax.distributed.initialize(**(explicit or {}))
+    if jax.process_count() > 1:
+        _prefix = f"[process {jax.process_index()}/{jax.process_count()}] "
+    log.info("process %d/%d, local devices %d, global devices %d", jax.process_index(), jax.process_count(),
+             jax.local_device_count(), jax.device_count())
+
+
+_prefix = ""  # "[process i/n] " once initialize found several processes
+
+
+class ProcessPrefix(logging.Filter):
+    """Prefixes log records with `[process i/n]` when the run has more than one process (set by initialize)."""
+
+    def filter(self, record):
+        if _prefix and not getattr(record, "siim_prefixed", False):
+            record.msg = _prefix + str(record.msg)
+            record.siim_prefixed = True
+        return True
+
+
+def sum_over_processes(value: int) -> int:
+    """The sum of an integer over all processes (a small collective; call it on every process at the same
+    point). One process: the value itself."""
+    if jax.process_count() == 1:
+        return int(value)
+    from jax.experimental import multihost_utils
+    return int(np.sum(multihost_utils.process_allgather(np.asarray(value, np.int64))))
+
+
+class StopVote:
+    """One stop decision for all processes, without stalling the device queue.
+
+    Each step every process puts its own flag (a stop signal received) into a one-entry-per-device array, and a
+    tiny jitted max over the whole mesh runs behind the train step. The answer for step t is read at step
+    t + LAG, when the device has long finished it, so every process gets the same answer at the same step and
+    they all stop (and save) after that step.
+    """
+
+    LAG = 2
+
+    def __init__(self, mesh):
+        self.mesh = mesh
+        self.sharding = NamedSharding(mesh, PartitionSpec(mesh.axis_names))
+        self.any = jax.jit(jnp.max, out_shardings=NamedSharding(mesh, PartitionSpec()))
+        self.pending = collections.deque()
+
+    def step(self, stop_here: bool) -> bool:
+        """Adds this process's flag for the current step; returns the agreed answer of LAG steps ago."""
+        local = np.full((len(self.mesh.local_devices),), int(stop_here), np.int32)
+        flags = jax.make_array_from_process_local_data(self.sharding, local, (self.mesh.size,))
+        self.pending.append(self.any(flags))
+        return bool(self.pending.popleft()) if len(self.pending) > self.LAG else False

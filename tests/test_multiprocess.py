@@ -1,0 +1,211 @@
+"""Several local processes as one JAX run (launch/local.sh, gloo collectives over localhost), as on a pod.
+
+References run in this test process (1 process x 8 fake devices) with the same recipe; the multi-process runs
+must log the same losses, resume each other's checkpoints, and stop together.
+"""
+
+import importlib.util
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from siim_jax.train.loop import train_and_evaluate
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+pytestmark = pytest.mark.multiprocess
+
+# a test-sized SiameseIM on the built-in images (the demo recipe, shrunk)
+TINY = {"batch_size": 16, "data.num_train": 128, "data.raw_size": 40, "data.num_masked": 10, "model.image_size": 32,
+        "model.decoder_width": 32, "model.predictor_depth": 1, "model.projector_depth": 1, "warmup_steps": 1,
+        "log_every_steps": 1, "eval_every_steps": 0, "total_steps": 6, "checkpoint_every_steps": 3,
+        "keep_checkpoints": 5, "data.threads": 1}
+MESHES = {"data": {"mesh.data": -1},
+          "fsdp": {"mesh.data": 1, "mesh.fsdp": -1},
+          "fsdp_x_tensor": {"mesh.data": 1, "mesh.fsdp": 2, "mesh.tensor": 4}}
+
+
+def recipe(**overrides):
+    """configs/demo.py with TINY and `overrides` applied (keys as in --config.<key>=<value>)."""
+    spec = importlib.util.spec_from_file_location("demo_recipe", os.path.join(REPO, "configs", "demo.py"))
+    demo = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(demo)
+    config = demo.get_config()
+    config.unlock()
+    for key, value in {**TINY, **overrides}.items():
+        target = config
+        *parents, leaf = key.split(".")
+        for part in parents:
+            target = target[part]
+        target[leaf] = value
+    config.lock()
+    return config
+
+
+def flags(**overrides):
+    return ["--config", os.path.join(REPO, "configs", "demo.py")] + [
+        f"--config.{k}={v}" for k, v in {**TINY, **overrides}.items()]
+
+
+def local_sh(processes: int, devices: int, workdir, **overrides):
+    return subprocess.run(["bash", os.path.join(REPO, "launch", "local.sh"), str(processes), "--devices-per-process",
+                           str(devices), *flags(**overrides), "--workdir", str(workdir)],
+                          cwd=REPO, capture_output=True, text=True, timeout=900)
+
+
+def losses(workdir) -> dict:
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        return {r["step"]: r["loss"] for r in map(json.loads, f) if "loss" in r}
+
+
+def assert_same_losses(got: dict, expected: dict, steps):
+    for step in steps:
+        assert abs(got[step] - expected[step]) <= 1e-5 * abs(expected[step]), (step, got[step], expected[step])
+
+
+def keep_only_step(workdir, step: int):
+    """Drops every checkpoint after `step` (as if the run had stopped there)."""
+    for name in os.listdir(os.path.join(workdir, "checkpoints")):
+        if name.isdigit() and int(name) > step:
+            shutil.rmtree(os.path.join(workdir, "checkpoints", name))
+
+
+@pytest.mark.parametrize("mesh", list(MESHES))
+def test_processes_log_the_losses_of_one_process_and_resume_each_other(mesh, tmp_path):
+    """2 x 4 devices (4 x 2 for fsdp x tensor, whose tensor axis then spans process pairs that feed the same
+    rows) log the losses of 1 x 8; the data mesh also resumes 2 -> 1 and 1 -> 2 processes."""
+    processes, devices = (4, 2) if mesh == "fsdp_x_tensor" else (2, 4)
+    reference = tmp_path / "one"
+    summary = train_and_evaluate(recipe(**MESHES[mesh]), str(reference))
+    assert summary["step"] == 6
+    expected = losses(reference)
+
+    done = local_sh(processes, devices, tmp_path / "many", **MESHES[mesh])
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.count("done: step 6/6") == processes
+    assert f"process {processes - 1}/{processes}, local devices {devices}, global devices 8" in done.stderr
+    assert_same_losses(losses(tmp_path / "many"), expected, range(1, 7))
+    if mesh != "data":
+        return
+
+    # a checkpoint of 2 processes goes on in 1 ...
+    shutil.copytree(tmp_path / "many", tmp_path / "many_then_one")
+    keep_only_step(tmp_path / "many_then_one", 3)
+    train_and_evaluate(recipe(**MESHES[mesh]), str(tmp_path / "many_then_one"))
+    assert_same_losses(losses(tmp_path / "many_then_one"), expected, range(1, 7))
+    # ... and one of 1 process in 2
+    shutil.copytree(reference, tmp_path / "one_then_many")
+    keep_only_step(tmp_path / "one_then_many", 3)
+    done = local_sh(2, 4, tmp_path / "one_then_many", **MESHES[mesh])
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "resumed from" in done.stderr
+    assert_same_losses(losses(tmp_path / "one_then_many"), expected, range(1, 7))
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        return s.getsockname()[1]
+
+
+def start_processes(workdir, count=2, devices=4, **overrides):
+    """`count` training processes as launch/local.sh starts them, returned as Popen objects (PIDs known)."""
+    port = _free_port()
+    env = {**os.environ, "JAX_PLATFORMS": "cpu",
+           "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}"}
+    return [subprocess.Popen([sys.executable, "-m", "siim_jax.train", *flags(**overrides), "--workdir", str(workdir),
+                              "--coordinator_address", f"localhost:{port}", "--num_processes", str(count),
+                              "--process_id", str(i)], cwd=REPO, env=env, stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True) for i in range(count)]
+
+
+def wait_for_step(workdir, step: int, procs, timeout=600):
+    metrics = os.path.join(workdir, "metrics.jsonl")
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if os.path.exists(metrics) and max(losses(workdir), default=0) >= step:
+            return
+        assert all(p.poll() is None for p in procs), [p.communicate()[1][-2000:] for p in procs]
+        time.sleep(0.05)
+    raise AssertionError(f"step {step} never logged")
+
+
+LONG = {"total_steps": 30, "checkpoint_every_steps": 1000, "warmup_steps": 2}
+
+
+@pytest.fixture(scope="module")
+def long_reference(tmp_path_factory):
+    """Losses of an uninterrupted 1-process run of the LONG recipe."""
+    workdir = tmp_path_factory.mktemp("long_reference")
+    train_and_evaluate(recipe(**LONG), str(workdir))
+    return losses(workdir)
+
+
+def test_sigterm_to_one_process_stops_both_after_the_same_step_and_resumes_exactly(tmp_path, long_reference):
+    workdir = tmp_path / "run"
+    procs = start_processes(workdir, **LONG)
+    wait_for_step(workdir, 2, procs)
+    procs[1].send_signal(signal.SIGTERM)
+    outputs = [p.communicate(timeout=300) for p in procs]
+    assert [p.returncode for p in procs] == [75, 75], [err[-2000:] for _, err in outputs]
+    last = [out.strip().splitlines()[-1] for out, _ in outputs]
+    assert last[0] == last[1] and last[0].startswith("interrupted at step"), last
+    stopped = int(last[0].split()[3].split("/")[0])
+    assert 2 <= stopped < 30
+    assert sorted(int(n) for n in os.listdir(workdir / "checkpoints") if n.isdigit()) == [stopped]
+    # the resumed run (here in one process) ends as the uninterrupted one
+    summary = train_and_evaluate(recipe(**LONG), str(workdir))
+    assert summary["step"] == 30 and not summary["interrupted"]
+    assert sorted(losses(workdir)) == list(range(1, 31))
+    assert_same_losses(losses(workdir), long_reference, range(1, 31))
+
+
+def test_kill_9_of_one_process_while_saving_then_a_relaunch_resumes_from_an_intact_step(tmp_path, long_reference):
+    workdir = tmp_path / "run"
+    every_step = {**LONG, "checkpoint_every_steps": 1, "keep_checkpoints": 2}
+    procs = start_processes(workdir, **every_step)
+    wait_for_step(workdir, 4, procs)
+    procs[0].send_signal(signal.SIGKILL)  # saves run every step: most likely mid-save
+    procs[1].send_signal(signal.SIGKILL)  # what a launcher does to the survivors
+    for p in procs:
+        p.communicate(timeout=60)
+    done = local_sh(2, 4, workdir, **every_step)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "resumed from" in done.stderr
+    assert sorted(losses(workdir)) == list(range(1, 31))
+    assert_same_losses(losses(workdir), long_reference, range(1, 31))
+
+
+def test_hybrid_meshes_put_slices_on_the_outer_axes():
+    """Fake multi-slice device lists: 2 slices x 4 devices, the data or fsdp axis across slices (DCN)."""
+    from siim_jax.config import ConfigError
+    from siim_jax.parallel.sharding import create_mesh
+
+    class FakeDevice:
+        platform, device_kind = "cpu", "fake"
+
+        def __init__(self, i):
+            self.id, self.slice_index, self.process_index = i, i // 4, i // 2
+
+        def __repr__(self):
+            return f"D{self.id}"
+
+    devices = [FakeDevice(i) for i in range(8)]
+    mesh = create_mesh({"data": 1, "fsdp": 4, "tensor": 1, "dcn_data": 2, "dcn_fsdp": 1}, devices)
+    assert mesh.devices.shape == (2, 4, 1)
+    assert [{d.slice_index for d in row.flat} for row in mesh.devices] == [{0}, {1}]  # data goes over DCN
+    mesh = create_mesh({"data": 2, "fsdp": 1, "tensor": 2, "dcn_data": 1, "dcn_fsdp": 2}, devices)
+    assert mesh.devices.shape == (2, 2, 2)
+    for f in range(2):  # each fsdp index is one slice; tensor pairs stay within a slice
+        assert {d.slice_index for d in mesh.devices[:, f, :].flat} == {f}
+    with pytest.raises(ConfigError, match="dcn_data \\* dcn_fsdp = 4 slices, but the devices form 2"):
+        create_mesh({"data": 1, "fsdp": 2, "tensor": 1, "dcn_data": 4, "dcn_fsdp": 1}, devices)
+    with pytest.raises(ConfigError, match="config.mesh.data/fsdp/tensor.*4 devices per slice"):
+        create_mesh({"data": 1, "fsdp": 8, "tensor": 1, "dcn_data": 2, "dcn_fsdp": 1}, devices)
