@@ -209,3 +209,32 @@ def test_hybrid_meshes_put_slices_on_the_outer_axes():
         create_mesh({"data": 1, "fsdp": 2, "tensor": 1, "dcn_data": 4, "dcn_fsdp": 1}, devices)
     with pytest.raises(ConfigError, match="config.mesh.data/fsdp/tensor.*4 devices per slice"):
         create_mesh({"data": 1, "fsdp": 8, "tensor": 1, "dcn_data": 2, "dcn_fsdp": 1}, devices)
+
+
+def test_distributed_settings_name_what_is_missing_or_wrong(monkeypatch):
+    from siim_jax.parallel import distributed
+    for name in (distributed.COORDINATOR_ENV, distributed.NUM_PROCESSES_ENV, distributed.PROCESS_ID_ENV):
+        monkeypatch.delenv(name, raising=False)
+    assert distributed.resolve() is None  # one process, nothing to join
+    assert distributed.resolve("localhost:1234", 2, 1) == {"coordinator_address": "localhost:1234",
+                                                            "num_processes": 2, "process_id": 1}
+    with pytest.raises(distributed.DistributedSetupError, match="missing: --process_id"):
+        distributed.resolve("localhost:1234", 2)
+    with pytest.raises(distributed.DistributedSetupError, match="--process_id=2 must be in 0..1"):
+        distributed.resolve("localhost:1234", 2, 2)
+    with pytest.raises(distributed.DistributedSetupError, match="host:port"):
+        distributed.resolve("localhost", 2, 0)
+    monkeypatch.setenv(distributed.COORDINATOR_ENV, "10.0.0.1:9999")
+    monkeypatch.setenv(distributed.NUM_PROCESSES_ENV, "4")
+    monkeypatch.setenv(distributed.PROCESS_ID_ENV, "3")
+    assert distributed.resolve() == {"coordinator_address": "10.0.0.1:9999", "num_processes": 4, "process_id": 3}
+
+
+def test_a_bad_process_id_and_an_object_store_workdir_are_one_error_line(tmp_path):
+    common = [sys.executable, "-m", "siim_jax.train", *flags()]
+    bad_id = subprocess.run([*common, "--workdir", str(tmp_path / "w"), "--coordinator_address", "localhost:1",
+                             "--num_processes", "2", "--process_id", "5"], cwd=REPO, capture_output=True, text=True)
+    assert bad_id.returncode == 2 and "error: --process_id=5 must be in 0..1" in bad_id.stderr
+    gcs = subprocess.run([*common, "--workdir", "gs://bucket/run"], cwd=REPO, capture_output=True, text=True)
+    assert gcs.returncode == 1 and "error: --workdir gs://bucket/run: object-store workdirs" in gcs.stderr
+    assert "Traceback" not in bad_id.stderr + gcs.stderr and not os.path.exists(os.path.join(REPO, "gs:"))

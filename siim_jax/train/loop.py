@@ -192,6 +192,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, stop_at_
     with a step budget per allocation.
     """
     config_lib.validate(config)
+    if "://" in workdir:
+        raise config_lib.ConfigError(
+            f"--workdir {workdir}: object-store workdirs (gs://, s3://) are not supported yet; use a directory on "
+            "a file system every process sees (local disk for one host; NFS, Lustre or a gcsfuse mount for many)")
     os.makedirs(workdir, exist_ok=True)
     with WorkdirLock(workdir, enabled=jax.process_index() == 0):
         return _train_in_locked_workdir(config, workdir, stop_at_step)
