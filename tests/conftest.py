@@ -37,14 +37,20 @@ def tiny_config(**overrides):
     c.knn.num_query = 16
     c.knn.batch_size = 16
     c.mesh.data = -1  # all (fake) devices
+    return override(c, overrides)
+
+
+def override(config, overrides: dict):
+    """Sets dotted keys ("model.image_size": 32, as in --config.model.image_size=32) of an unlocked config;
+    returns it locked."""
     for key, value in overrides.items():
-        target = c
+        target = config
         *parents, leaf = key.split(".")
         for p in parents:
             target = target[p]
         target[leaf] = value
-    c.lock()
-    return c
+    config.lock()
+    return config
 
 
 @pytest.fixture

@@ -17,6 +17,7 @@ import time
 import numpy as np
 import pytest
 
+from conftest import override
 from siim_jax.train.loop import train_and_evaluate
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -39,14 +40,7 @@ def recipe(**overrides):
     spec.loader.exec_module(demo)
     config = demo.get_config()
     config.unlock()
-    for key, value in {**TINY, **overrides}.items():
-        target = config
-        *parents, leaf = key.split(".")
-        for part in parents:
-            target = target[part]
-        target[leaf] = value
-    config.lock()
-    return config
+    return override(config, {**TINY, **overrides})
 
 
 def flags(**overrides):
