@@ -202,3 +202,23 @@ def test_kill_9_at_random_points_then_relaunches_end_where_an_uninterrupted_run_
         np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
     logged = [json.loads(line)["step"] for line in open(workdir / "metrics.jsonl")]
     assert logged == list(range(1, 25))  # every step logged once, no gap, no duplicate
+
+
+def test_a_full_disk_while_saving_is_one_error_line_and_the_rerun_finishes(tmp_path):
+    import resource
+
+    def small_file_limit():  # every file past 150 kB fails to grow, as on a full disk (metrics stay writable)
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (150_000, 150_000))
+
+    run = [*DEMO_RUN, "--config.total_steps=3", "--config.checkpoint_every_steps=1", "--workdir", str(tmp_path)]
+    full = run_train(*run, preexec_fn=small_file_limit)
+    assert full.returncode == 1, full.stderr[-3000:]
+    errors = [line for line in full.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "writing a checkpoint" in errors[0], full.stderr[-3000:]
+    assert "Traceback" not in full.stderr, full.stderr[-3000:]
+    assert saved_steps(tmp_path) == []  # the half-written step is never a step folder that restore would take
+    rerun = run_train(*run)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert rerun.stdout.strip().splitlines()[-1].startswith("done: step 3/3")
+    assert saved_steps(tmp_path) == [2, 3]

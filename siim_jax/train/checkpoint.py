@@ -37,6 +37,11 @@ class NonFiniteStateError(RuntimeError):
     """A train state with NaN / Inf values, refused before it is written."""
 
 
+class CheckpointWriteError(RuntimeError):
+    """Writing a checkpoint failed (full disk, file size limit, permissions); the step is left unfinished, which
+    restore never takes for intact."""
+
+
 def model_signature(config: ml_collections.ConfigDict) -> dict:
     """The config values that fix the shapes of the train state."""
     return {"model": json.loads(config.model.to_json()), "num_masked": config.data.num_masked}
@@ -65,13 +70,24 @@ class Checkpointer:
         self.manager = ocp.CheckpointManager(self.directory, options=options,
                                              item_names=("state", "signature", "counters"))
 
+    def _finish(self) -> None:
+        """Waits for pending saves; a failed one (raised by Orbax / TensorStore as one of many types) becomes
+        CheckpointWriteError."""
+        try:
+            self.manager.wait_until_finished()
+        except Exception as error:  # noqa: BLE001
+            raise CheckpointWriteError(
+                f"writing a checkpoint into {self.directory} failed ({_first_line(error)}); check the free space, "
+                "file size limits and permissions there; unfinished steps are never restored, so rerunning the "
+                "same command resumes from the newest finished one") from None
+
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
 
     def intact_step(self) -> int | None:
         """The newest saved step once pending saves end: every save is checked finite first, and the steps of
         an earlier run that restore_newest passed over are moved away."""
-        self.manager.wait_until_finished()
+        self._finish()
         return self.manager.latest_step()
 
     def describe_intact(self) -> str:
@@ -90,6 +106,7 @@ class Checkpointer:
             raise NonFiniteStateError(
                 f"the train state of step {step} holds NaN or Inf values and was not saved; "
                 f"{self.describe_intact()}; lower config.optim.blr (or check the data) and rerun")
+        self._finish()  # the previous async save's failure surfaces here, as one error
         self.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
                                                         signature=ocp.args.JsonSave(self.signature),
                                                         counters=ocp.args.JsonSave(dict(counters or {}))))
@@ -152,7 +169,7 @@ class Checkpointer:
     def set_aside(self, steps, why: str) -> None:
         """Moves step folders to <workdir>/checkpoints_unusable/<step>-<time> (process 0 moves, every process
         calls this at the same point), never deleting."""
-        self.manager.wait_until_finished()
+        self._finish()
         steps = [s for s in steps if s in self.manager.all_steps()]
         if steps and jax.process_index() == 0:
             target = os.path.join(self.workdir, "checkpoints_unusable")
@@ -171,11 +188,16 @@ class Checkpointer:
         return os.path.join(self.directory, str(step))
 
     def wait(self) -> None:
-        self.manager.wait_until_finished()
+        self._finish()
 
     def close(self) -> None:
-        self.manager.wait_until_finished()
-        self.manager.close()
+        try:
+            self._finish()
+        finally:
+            try:
+                self.manager.close()
+            except Exception:  # noqa: BLE001 - already reported by _finish
+                pass
 
 
 def abstract_like(state, shardings):

@@ -317,11 +317,14 @@ def _train_in_locked_workdir(config, workdir: str, stop_at_step: int | None) -> 
             is_last = step == length.total_steps
             if step % config.log_every_steps == 0 or is_last:
                 jax.block_until_ready(metrics)
-                rate = timed_steps * config.batch_size / (time.perf_counter() - timer) if timed_steps else math.nan
+                # no rate until a step has run without compiling (never a NaN in metrics.jsonl / TensorBoard)
+                rate = {"images_per_sec": timed_steps * config.batch_size / (time.perf_counter() - timer)
+                        } if timed_steps else {}
                 check_pending()
                 counts = run_counters(step)
-                metrics_writer.write(step, {**last_good, "images_per_sec": rate, **counts})
-                progress.set_postfix(loss=f"{last_good['loss']:.4f}", img_s=f"{rate:.1f}")
+                metrics_writer.write(step, {**last_good, **rate, **counts})
+                progress.set_postfix(loss=f"{last_good['loss']:.4f}",
+                                     **({"img_s": f"{rate['images_per_sec']:.1f}"} if rate else {}))
                 reset_timer = True
             if knn_enabled and (step % config.eval_every_steps == 0 or is_last):
                 run_knn(step)

@@ -1,6 +1,7 @@
 """Command line: python -m siim_jax.train --config configs/<recipe>.py --workdir <dir> [--config.key=value ...]"""
 
 import logging as py_logging
+import os
 import sys
 
 import jax
@@ -28,7 +29,8 @@ def main(argv):
     from siim_jax.data.pipeline import TooManyBadImagesError
     from siim_jax.data.sources import SourceError
     from siim_jax.parallel import distributed
-    from siim_jax.train.checkpoint import CheckpointMismatchError, CheckpointUnusableError, NonFiniteStateError
+    from siim_jax.train.checkpoint import (CheckpointMismatchError, CheckpointUnusableError, CheckpointWriteError,
+                                           NonFiniteStateError)
     from siim_jax.train.loop import NonFiniteLossError, format_summary, train_and_evaluate
     from siim_jax.train.workdir_lock import WorkdirBusyError
 
@@ -51,17 +53,44 @@ def main(argv):
         config.seed  # a recipe that failed to load raises here
     except OSError as error:
         fail(str(error), EXIT_USAGE, USAGE)
+    _quiet_failed_checkpoint_writers()
     try:
         summary = train_and_evaluate(config, _WORKDIR.value)
     except (ConfigError, SourceError, TooManyBadImagesError, CheckpointMismatchError, CheckpointUnusableError,
             NonFiniteLossError, NonFiniteStateError, WorkdirBusyError) as e:
         fail(str(e), EXIT_FAILED)
+    except CheckpointWriteError as e:
+        print("error: " + " ".join(str(e).split()), file=sys.stderr, flush=True)
+        os._exit(EXIT_FAILED)  # not sys.exit: Orbax's abandoned writer tasks would print tracebacks at shutdown
     except OSError as e:  # unwritable workdir, full disk (also raised by a checkpoint save that failed)
         fail(f"cannot write to {e.filename or _WORKDIR.value}: {e.strerror or e}; check the permissions and "
              "free space of --workdir (the newest finished checkpoint in it is intact)", EXIT_FAILED)
     print(format_summary(summary), flush=True)
     if summary["interrupted"]:
         sys.exit(EXIT_STOPPED)  # stopped on request after saving: resumable
+
+
+def _quiet_failed_checkpoint_writers() -> None:
+    """A failed checkpoint write (full disk) is reported once, as CheckpointWriteError's error line: Orbax's
+    writer threads log it with a traceback, and TensorStore callbacks that outlive their event loop print
+    `RuntimeError: Event loop is closed`; both keep their one-line message here, without the traceback."""
+
+    class DropOrbaxTracebacks(py_logging.Filter):
+        def filter(self, record):
+            if record.exc_info and "orbax" in record.pathname:
+                record.exc_info, record.exc_text = None, None
+            return True
+
+    for handler in py_logging.getLogger().handlers:
+        handler.addFilter(DropOrbaxTracebacks())
+    default_hook = sys.unraisablehook
+
+    def unraisable(info):
+        if isinstance(info.exc_value, RuntimeError) and "Event loop is closed" in str(info.exc_value):
+            return
+        default_hook(info)
+
+    sys.unraisablehook = unraisable
 
 
 def run():
