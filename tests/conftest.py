@@ -53,6 +53,18 @@ def override(config, overrides: dict):
     return config
 
 
+def recipe_config(name: str = "demo", **overrides):
+    """configs/<name>.py's get_config() with `overrides` (keys as in --config.<key>=<value>), locked."""
+    import importlib.util
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", f"{name}.py")
+    spec = importlib.util.spec_from_file_location(f"recipe_{name}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    config = module.get_config()
+    config.unlock()
+    return override(config, overrides)
+
+
 @pytest.fixture
 def tiny():
     return tiny_config

@@ -4,7 +4,6 @@ References run in this test process (1 process x 8 fake devices) with the same r
 must log the same losses, resume each other's checkpoints, and stop together.
 """
 
-import importlib.util
 import json
 import os
 import shutil
@@ -14,10 +13,9 @@ import subprocess
 import sys
 import time
 
-import numpy as np
 import pytest
 
-from conftest import override
+from conftest import recipe_config
 from siim_jax.train.loop import train_and_evaluate
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -35,12 +33,7 @@ MESHES = {"data": {"mesh.data": -1},
 
 def recipe(**overrides):
     """configs/demo.py with TINY and `overrides` applied (keys as in --config.<key>=<value>)."""
-    spec = importlib.util.spec_from_file_location("demo_recipe", os.path.join(REPO, "configs", "demo.py"))
-    demo = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(demo)
-    config = demo.get_config()
-    config.unlock()
-    return override(config, {**TINY, **overrides})
+    return recipe_config("demo", **TINY, **overrides)
 
 
 def flags(**overrides):

@@ -11,6 +11,7 @@ import pytest
 from ml_collections import ConfigDict
 from PIL import Image
 
+from conftest import recipe_config
 from siim_jax.data.pipeline import TooManyBadImagesError, TwoViewBatches
 from siim_jax.data.sources import (BadImageError, ImageFolderSource, SourceError, decode_rgb, open_source)
 from siim_jax.data.synthetic import write_image_folder
@@ -191,11 +192,7 @@ def test_entry_point_pretrains_on_an_image_folder_and_reports_skips(tree, tmp_pa
 
 
 def _load_demo():
-    import importlib.util
-    spec = importlib.util.spec_from_file_location("demo", os.path.join(REPO, "configs", "demo.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config()
+    return recipe_config("demo")
 
 
 def test_bench_prints_its_figures(tree, tmp_path, capsys):

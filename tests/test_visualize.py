@@ -1,7 +1,6 @@
 """The pair-drawing tool: the command writes the PNG, draws training's own pairs, puts the marks where the geometry
 says, and reports a bad flag in one line with exit status 2."""
 
-import importlib.util
 import os
 import subprocess
 import sys
@@ -9,6 +8,7 @@ import sys
 import numpy as np
 from PIL import Image
 
+from conftest import recipe_config
 from siim_jax.data import visualize
 from siim_jax.data.builtin import make_builtin_images
 from siim_jax.data.pipeline import TwoViewBatches
@@ -18,12 +18,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def demo_config(num_train):
-    spec = importlib.util.spec_from_file_location("demo", os.path.join(REPO, "configs", "demo.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    config = module.get_config()
-    config.data.num_train = num_train
-    return config
+    return recipe_config("demo", **{"data.num_train": num_train})
 
 
 def run_tool(*args):

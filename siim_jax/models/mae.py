@@ -8,7 +8,8 @@ from flax import nnx
 
 from siim_jax.config import VIT_VARIANTS
 from siim_jax.models.pos_embed import sincos_2d
-from siim_jax.models.vit import Block, VisionTransformer, dense, layer_norm, token_init
+from siim_jax.models.vit import TOKENS, Block, VisionTransformer, dense, layer_norm, token_init
+from siim_jax.parallel.sharding import constrain
 
 
 def patchify(images, patch: int):
@@ -40,15 +41,20 @@ class MAE(nnx.Module):
         """Normalised images (N, S, S, 3), per-example random masks from `key` -> (predicted pixels
         (N, L, p*p*3) float32, masked (N, L) bool)."""
         n, num = images.shape[0], self.grid ** 2
-        order = jnp.argsort(jax.random.uniform(key, (n, num)), axis=1)
-        visible = jnp.sort(order[:, :self.num_visible], axis=1)
-        masked = jnp.ones((n, num), bool).at[jnp.arange(n)[:, None], visible].set(False)
+        order = jnp.argsort(jax.random.uniform(key, (n, num)), axis=1)  # the first num_visible stay visible
+        masked = jnp.argsort(order, axis=1) >= self.num_visible
+        # visible positions ascending, then masked ones; `restore` undoes that order. Gathers along the token
+        # axis, never scatters, so that every row stays on its device (a scatter gathers the global batch)
+        shuffled = jnp.argsort(masked, axis=1, stable=True)
+        restore = jnp.argsort(shuffled, axis=1)
+        visible = shuffled[:, :self.num_visible]
 
         tokens = jnp.take_along_axis(self.encoder.patch_tokens(images), visible[..., None], axis=1)
         x = self.decoder_embed(self.encoder(tokens)).astype(jnp.float32)  # (N, 1 + V, Dd)
-        # Scatter the visible tokens back to their positions; masked positions take the mask token.
-        full = jnp.broadcast_to(self.mask_token[...], (n, num, self.decoder_width))
-        full = full.at[jnp.arange(n)[:, None], visible].set(x[:, 1:])
+        # visible tokens back at their positions; masked positions take the mask token
+        mask_tokens = jnp.broadcast_to(self.mask_token[...], (n, num - self.num_visible, self.decoder_width))
+        full = jnp.take_along_axis(jnp.concatenate([x[:, 1:], mask_tokens], axis=1), restore[..., None], axis=1)
+        full = constrain(full, TOKENS)
         dpos = jnp.asarray(sincos_2d(self.decoder_width, self.grid, class_token=True))
         x = jnp.concatenate([x[:, :1], full], axis=1) + dpos
         for block in self.decoder_blocks:

@@ -11,7 +11,8 @@ from flax import nnx
 
 from siim_jax.config import VIT_VARIANTS
 from siim_jax.models.pos_embed import relative_position_embedding, sincos_2d
-from siim_jax.models.vit import Block, VisionTransformer, dense, token_init
+from siim_jax.models.vit import TOKENS, Block, VisionTransformer, dense, token_init
+from siim_jax.parallel.sharding import constrain
 
 
 def compute_dtype(model_config: ml_collections.ConfigDict):
@@ -70,18 +71,20 @@ class SiameseIM(nnx.Module):
         dpos = jnp.asarray(sincos_2d(self.decoder_width, self.grid, class_token=True))
         cls = x[:, :1] + dpos[0]
         vis = x[:, 1:] + dpos[1:][visible]
-        rel = relative_position_embedding(geometry, self.decoder_width, self.grid)
-        queries = self.online.mask_token[...] + self.decoder_pos_mlp(rel).astype(jnp.float32)
+        # pinned to the batch sharding: left free, XLA gathers these (N, g*g, 2*Dd) activations over the whole
+        # global batch (bytes growing with it)
+        rel = constrain(relative_position_embedding(geometry, self.decoder_width, self.grid), TOKENS)
+        queries = constrain(self.online.mask_token[...] + self.decoder_pos_mlp(rel).astype(jnp.float32), TOKENS)
         x = jnp.concatenate([cls, vis, queries], axis=1)
         for block in self.predictor_decoder_blocks:
             x = block(x)
-        pred = self.decoder_pred(x[:, -self.grid ** 2:]).astype(jnp.float32)
+        pred = constrain(self.decoder_pred(x[:, -self.grid ** 2:]).astype(jnp.float32), TOKENS)
         if self.online_ln:
             mean = pred.mean(-1, keepdims=True)
             pred = (pred - mean) * jnp.reciprocal(jnp.sqrt(pred.var(-1, keepdims=True) + 1e-5))
         assert pred.shape == (n, self.grid ** 2, self.decoder_width)
-        return pred
+        return constrain(pred, TOKENS)
 
     def target_tokens(self, view2):
         """Target branch on the full view 2: (N, S, S, 3) -> (N, g*g, Dd) float32 (class token dropped)."""
-        return self.target.project(self.target.encoder.patch_tokens(view2))[:, 1:]
+        return constrain(self.target.project(self.target.encoder.patch_tokens(view2))[:, 1:], TOKENS)

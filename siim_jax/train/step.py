@@ -115,13 +115,19 @@ BATCH_NDIMS = {"view1": 4, "view2": 4, "geometry": 2, "mask": 2}
 
 
 def jit_in_mesh(fn, mesh, rules, **jit_kwargs):
-    """jax.jit(fn, **jit_kwargs), traced and run inside sharding_context(mesh, rules)."""
+    """jax.jit(fn, **jit_kwargs), traced and run inside sharding_context(mesh, rules); `.lower(*args)` lowers it
+    there too (arguments may be ShapeDtypeStructs with shardings, for ahead-of-time compiles)."""
     jitted = jax.jit(fn, **jit_kwargs)
 
     def call(*args):
         with sharding_context(mesh, rules):
             return jitted(*args)
 
+    def lower(*args):
+        with sharding_context(mesh, rules):
+            return jitted.lower(*args)
+
+    call.lower = lower
     return call
 
 

@@ -1,0 +1,148 @@
+"""Performance accounting and the compiled step's communication: analytic FLOPs, collective-byte parsing, no
+collective that grows with the global batch, and the bench_step / aot commands."""
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from conftest import override, recipe_config, tiny_config
+from siim_jax.config import base_config
+from siim_jax.perf.chips import chip_for
+from siim_jax.perf.compiled import _INSTRUCTION, _shapes_bytes, collective_bytes, plan_train_step
+from siim_jax.perf.flops import block_flops, train_flops_per_image
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.mark.parametrize("variant, masked, expected", [("B", 118, 141.5), ("L", 118, 334.0), ("H", 154, 816.0)])
+def test_analytic_flops_match_the_hand_counts_of_the_official_models(variant, masked, expected):
+    # GFLOP/image counted by hand for the official recipes (ViT-B/16, L/16, H/14 at 224 px, 768-wide decoder)
+    c = override(base_config(), {"model.variant": variant, "data.num_masked": masked})
+    assert train_flops_per_image(c) / 1e9 == pytest.approx(expected, abs=0.5)
+
+
+def test_block_flops_match_xlas_count_of_a_block():
+    from flax import nnx
+    from siim_jax.models.vit import Block
+    block = Block(512, 8, 4.0, dtype=np.float32, rngs=nnx.Rngs(0))
+    graphdef, state = nnx.split(block)
+    x = jax.ShapeDtypeStruct((2, 64, 512), np.float32)
+    compiled = jax.jit(lambda s, x: nnx.merge(graphdef, s)(x)).lower(state, x).compile()
+    counted = compiled.cost_analysis()["flops"]
+    assert counted == pytest.approx(2 * block_flops(64, 512, 4.0), rel=0.03)  # norms, softmax, GELU: < 3%
+
+
+def test_chip_table_tells_h100_pcie_from_sxm_and_knows_no_cpu_peak():
+    assert chip_for("NVIDIA H100 PCIe").peak_bf16_flops < chip_for("NVIDIA H100 80GB HBM3").peak_bf16_flops
+    assert chip_for("TPU v5 lite").name == "TPU v5e" and chip_for("TPU v5").name == "TPU v5p"
+    assert chip_for("cpu") is None
+
+
+def test_collective_bytes_of_hand_written_hlo():
+    hlo = "\n".join([
+        "  %ag = bf16[8,128]{1,0} all-gather(bf16[1,128]{1,0} %p), dimensions={0}",  # 2048 bytes
+        "  %ar = (f32[], f32[16,4]{1,0}) all-reduce(f32[] %a, f32[16,4]{1,0} %b), to_apply=%add",  # 4 + 256
+        "  %ags = (f32[2,3]{1,0}, f32[8,3]{1,0}) all-gather-start(f32[2,3]{1,0} %q), dimensions={0}",  # 96
+        "  %agd = f32[8,3]{1,0} all-gather-done((f32[2,3]{1,0}, f32[8,3]{1,0}) %ags)",  # not counted again
+        "  %cp = (u8[10]{0}, u8[10]{0}, u32[], u32[]) collective-permute-start(u8[10]{0} %r)",  # 10
+        "  %rs = f32[4]{0} reduce-scatter(f32[32]{0} %s), dimensions={0}",  # 16
+        "  %x = f32[4]{0} add(f32[4]{0} %t, f32[4]{0} %u)",
+    ])
+    assert collective_bytes(hlo) == {"all-gather": 2048 + 96, "all-reduce": 260, "reduce-scatter": 16,
+                                     "all-to-all": 0, "collective-permute": 10}
+
+
+def compiled_collectives(mesh: dict, batch: int, loss_type: str = "siamese") -> tuple[dict, list]:
+    """Collective bytes by kind, and the result shapes of every collective, of the tiny step on 8 devices."""
+    config = tiny_config(batch_size=batch, **{"model.loss_type": loss_type},
+                         **{f"mesh.{k}": v for k, v in mesh.items()})
+    plan = plan_train_step(config)
+    text = plan.train_step.lower(plan.abstract_state, plan.abstract_batch).compile().as_text()
+    shapes = [m.group(1) for m in map(_INSTRUCTION.search, text.splitlines()) if m]
+    return collective_bytes(text), shapes
+
+
+@pytest.mark.parametrize("loss_type, mesh", [("siamese", {"data": 8}), ("siamese", {"data": 1, "fsdp": 8}),
+                                             ("mae", {"data": 1, "fsdp": 8})])
+def test_collective_bytes_do_not_grow_with_the_global_batch(loss_type, mesh):
+    # batches 40 and 80: sizes no model dimension shares, so a gathered batch would show
+    small, _ = compiled_collectives(mesh, 40, loss_type)
+    large, shapes = compiled_collectives(mesh, 80, loss_type)
+    for kind in small:
+        assert large[kind] <= small[kind] * 1.01, (kind, small, large)
+    assert not [s for s in shapes if "[80," in s or ",80," in s or ",80]" in s], shapes
+
+
+def test_a_tensor_axis_never_gathers_the_global_batch():
+    # fsdp x tensor: the tensor-parallel all-reduces of per-device activations grow with the per-device batch
+    # (inherent to tensor parallelism); nothing may hold the whole global batch, and weights gather as before
+    _, small_shapes = compiled_collectives({"data": 1, "fsdp": 4, "tensor": 2}, 40)
+    _, large_shapes = compiled_collectives({"data": 1, "fsdp": 4, "tensor": 2}, 80)
+    assert not [s for s in large_shapes if "[80," in s or ",80," in s or ",80]" in s], large_shapes
+    assert not [s for s in large_shapes if "[40," in s], large_shapes  # nor the 40-row half of it (per device: 10 rows)
+
+    def not_per_device_activations(shapes, rows):
+        return sum(sum(_shapes_bytes(s)) for s in shapes if f"[{rows}," not in s)
+
+    # everything else (weights, gradients, statistics) moves the same bytes at either batch
+    assert not_per_device_activations(large_shapes, 20) <= 1.01 * not_per_device_activations(small_shapes, 10)
+
+
+TINY_DEMO = ["--config", "configs/demo.py", "--config.batch_size=16", "--config.data.num_train=64"]
+
+
+def run_module(module, *args):
+    return subprocess.run([sys.executable, "-m", module, *args], cwd=REPO, capture_output=True, text=True,
+                          timeout=600)
+
+
+def test_bench_step_reports_consistent_figures():
+    done = run_module("siim_jax.bench_step", *TINY_DEMO, "--steps", "3", "--warmup", "1", "--with-data", "--json")
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert result["devices"] == 8 and result["global_batch"] == 16 and result["mesh"]["data"] == 8
+    assert result["images_per_sec"] == pytest.approx(16 / result["step_seconds"]["median"])
+    assert result["images_per_sec_per_chip"] == pytest.approx(result["images_per_sec"] / 8)
+    s = result["step_seconds"]
+    assert 0 < s["min"] <= s["median"] <= s["max"] and result["compile_seconds"] > 0
+    demo = recipe_config("demo", batch_size=16)
+    assert result["analytic_gflop_per_image"] == pytest.approx(train_flops_per_image(demo) / 1e9)
+    assert result["mfu"] is None  # no peak for CPUs
+    assert 0.9 < result["xla_gflop_per_image"] / result["analytic_gflop_per_image"] < 1.3
+    assert result["peak_memory_bytes"] > 0
+    assert result["with_data"]["images_per_sec"] > 0 and 0 <= result["with_data"]["input_wait_fraction"] <= 1
+    assert "images/s" in done.stdout and "MFU n/a" in done.stdout
+
+
+def test_bench_step_bad_input_is_one_line():
+    done = run_module("siim_jax.bench_step", *TINY_DEMO, "--steps", "0")
+    assert done.returncode == 2 and "error: --steps=0" in done.stderr and "Traceback" not in done.stderr
+    done = run_module("siim_jax.bench_step", *TINY_DEMO, "--config.batch_size=12")
+    assert done.returncode == 1 and "Traceback" not in done.stderr
+    assert [line for line in done.stderr.splitlines() if line.startswith("error:")][0].count("batch_size=12")
+
+
+needs_libtpu = pytest.mark.skipif(importlib.util.find_spec("libtpu") is None,
+                                  reason="libtpu not installed (pip install -e '.[tpu]')")
+
+
+@needs_libtpu
+def test_aot_fits_a_small_step_and_refuses_one_too_large():
+    env_free = [*TINY_DEMO[:2], "--config.data.num_train=64"]
+    done = run_module("siim_jax.aot", *env_free, "--config.batch_size=64", "--topology", "v5e:2x2", "--json")
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert result["fits"] and result["chips"] == 4 and result["chip"] == "TPU v5e" and result["mesh"]["data"] == 4
+    m = result["per_chip_bytes"]
+    assert m["peak"] == m["argument"] + m["output"] + m["temp"] + m["code"] - m["alias"] > 0
+    assert result["collective_bytes"]["all-reduce"] > 0  # data parallel: gradients are reduced
+    too_large = run_module("siim_jax.aot", *env_free, "--config.batch_size=262144", "--topology", "v5e:2x2")
+    assert too_large.returncode == 1 and "DOES NOT FIT" in too_large.stdout, too_large.stderr[-2000:]
+    bad = run_module("siim_jax.aot", *env_free, "--topology", "v9:2x2")
+    assert bad.returncode == 1 and "error: --topology 'v9:2x2'" in bad.stderr and "Traceback" not in bad.stderr
