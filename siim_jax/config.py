@@ -45,7 +45,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.keep_checkpoints = 3
 
     c.model = ml_collections.ConfigDict()
-    c.model.loss_type = "siamese"  # or "mae"
+    c.model.loss_type = "siamese"  # the method (siim_jax/methods): "siamese" or "mae"
     c.model.variant = "B"  # key of VIT_VARIANTS
     c.model.image_size = 224
     c.model.decoder_width = 768
@@ -59,6 +59,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.train_patch_embed = False
     c.model.init_values = 0.0  # layer scale; 0 = off
     c.model.dtype = "bfloat16"  # compute dtype; parameters and optimiser state stay float32
+    c.model.remat = "none"  # per transformer block: none | dots (recompute all but weight matmuls) | full
     # MAE baseline (loss_type="mae"), SPEC section 3.
     c.model.mae_mask_ratio = 0.75
     c.model.mae_decoder_width = 512
@@ -121,8 +122,11 @@ def validate(c: ml_collections.ConfigDict) -> None:
     m = c.model
     if m.variant not in VIT_VARIANTS:
         raise ConfigError(f"config.model.variant={m.variant!r}: choose one of {sorted(VIT_VARIANTS)}")
-    if m.loss_type not in ("siamese", "mae"):
-        raise ConfigError(f"config.model.loss_type={m.loss_type!r}: choose 'siamese' or 'mae'")
+    if m.remat not in ("none", "dots", "full"):
+        raise ConfigError(f"config.model.remat={m.remat!r}: choose none, dots or full")
+    from siim_jax.methods import METHODS  # the methods build on this module
+    if m.loss_type not in METHODS:
+        raise ConfigError(f"config.model.loss_type={m.loss_type!r}: the method; choose one of {sorted(METHODS)}")
     patch = VIT_VARIANTS[m.variant][3]
     if m.image_size % patch:
         raise ConfigError(f"config.model.image_size={m.image_size} is not a multiple of the patch size {patch}")

@@ -6,7 +6,8 @@ import numpy as np
 from flax import nnx
 
 from siim_jax.parallel.sharding import create_mesh
-from siim_jax.train.state import init_train_state, merge_params
+from siim_jax.methods import get_method
+from siim_jax.train.state import init_train_state
 from siim_jax.train.step import jit_in_mesh
 
 
@@ -47,8 +48,8 @@ def randomized(state, seed: int):
 def encoder_tokens(config, graphdef, state, images: np.ndarray) -> np.ndarray:
     """Our online encoder on full images (N, S, S, 3) -> tokens (N, 1 + grid^2, D), class token first."""
     def run(params, ema_params, batch_stats, images):
-        model = nnx.merge(graphdef, merge_params(params, ema_params), batch_stats)
-        encoder = model.encoder if config.model.loss_type == "mae" else model.online.encoder
+        method = get_method(config)
+        encoder = method.encoder(nnx.merge(graphdef, method.merge_params(params, ema_params), batch_stats))
         return encoder(encoder.patch_tokens(images))
 
     mesh = one_device_mesh()

@@ -33,7 +33,7 @@ MESHES = {"data": {"mesh.data": -1},
 
 def recipe(**overrides):
     """configs/demo.py with TINY and `overrides` applied (keys as in --config.<key>=<value>)."""
-    return recipe_config("demo", **TINY, **overrides)
+    return recipe_config("demo", **{**TINY, **overrides})
 
 
 def flags(**overrides):

@@ -11,7 +11,9 @@ from siim_jax.data.builtin import make_builtin_images
 from siim_jax.data.pipeline import TwoViewBatches
 from siim_jax.parallel.sharding import create_mesh, global_batch
 from siim_jax.train.schedules import ema_momentum_fn, learning_rate_fn, training_length
-from siim_jax.train.state import init_train_state, trainable_labels, weight_decay_mask
+from siim_jax.methods import get_method
+from siim_jax.methods.base import weight_decay_mask
+from siim_jax.train.state import init_train_state
 from siim_jax.train.step import jit_train_step
 
 def run_steps(config, devices, num_steps):
@@ -99,7 +101,7 @@ def test_weight_decay_mask_and_trainable_labels(one_device):
         is_weight = path.endswith("['kernel']") or path.endswith("_token']")
         assert flag == is_weight, path
     assert any("mask_token" in p for p in decay) and any("decoder_pos_mlp" in p for p in decay)
-    labels = paths(trainable_labels(params, tiny_config()))
+    labels = paths(get_method(tiny_config()).trainable_labels(params))
     assert {p for p, lab in labels.items() if lab == "frozen"} == {
         "['online']['encoder']['patch_embed']['proj']['kernel']",
         "['online']['encoder']['patch_embed']['proj']['bias']",
@@ -128,3 +130,13 @@ def test_gradient_accumulation_makes_one_ema_update_per_step():
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7), states[2].ema_params,
                  expected)
     assert int(states[2].step) == 2 and all(np.isfinite(x["loss"]) for x in metrics)
+
+
+@pytest.mark.parametrize("remat", ["dots", "full"])
+def test_rematerialised_blocks_give_the_same_losses_and_updates(one_device, remat):
+    states, metrics, _ = one_device  # model.remat = "none"
+    remat_states, remat_metrics, _ = run_steps(tiny_config(**{"model.remat": remat}), jax.devices()[:1], 3)
+    for a, b in zip(metrics, remat_metrics):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5) and a["grad_norm"] == pytest.approx(b["grad_norm"],
+                                                                                                    rel=1e-5)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), states[-1], remat_states[-1])

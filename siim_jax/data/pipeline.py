@@ -26,6 +26,64 @@ class TooManyBadImagesError(RuntimeError):
     pass
 
 
+def decode_with_replacements(source, seed: int, step: int, position: int, index: int, make):
+    """(make(rng, image, index), skipped descriptions) for the example at global `position` of `step`.
+
+    rng = default_rng([seed, step, position]) and image = load_rgb(source.read(index)), an RGB PIL image. When
+    reading, decoding or `make` raises BadImageError, the example is logged, its description recorded, and it is
+    replaced by index default_rng([seed, step, position, a]).integers(len(source)) (attempt a = 1, 2, ...),
+    which `make` receives with that generator. TooManyBadImagesError after MAX_REPLACEMENTS in a row.
+    """
+    skipped = []
+    rng = np.random.default_rng([seed, step, position])
+    for attempt in range(1, MAX_REPLACEMENTS + 1):
+        try:
+            return make(rng, load_rgb(source.read(index)), index), skipped
+        except BadImageError as e:
+            name = source.describe(index)
+            log.warning("skipping %s: %s", name, e)
+            skipped.append(name)
+        rng = np.random.default_rng([seed, step, position, attempt])
+        index = int(rng.integers(len(source)))
+    raise TooManyBadImagesError(f"{MAX_REPLACEMENTS} undecodable examples in a row at step {step} (last: "
+                                f"{skipped[-1]}); check config.data.source")
+
+
+def build_ahead(start, batch_size: int, num_threads: int, start_step: int, batches_ahead: int = 2,
+                end_step: int | None = None):
+    """Yields (batch, skipped) for steps start_step, start_step + 1, ... (up to end_step, exclusive, if given).
+
+    start(step) -> (batch, fill_rows): an unfilled batch of `batch_size` rows and fill_rows(rows: range) ->
+    skipped descriptions, which writes those rows. The next `batches_ahead` batches are built concurrently by
+    `num_threads` threads (PIL decodes and resizes without the GIL), each split into 2 * num_threads chunks of
+    rows, so host memory holds about batches_ahead + 1 batches whatever the thread count.
+    """
+    chunks = min(batch_size, 2 * num_threads)
+    bounds = np.linspace(0, batch_size, chunks + 1).round().astype(int)
+    ahead = max(1, batches_ahead)
+    first = range(start_step, start_step + ahead if end_step is None else min(start_step + ahead, end_step))
+    with concurrent.futures.ThreadPoolExecutor(num_threads) as pool:
+
+        def submit(step):
+            batch, fill_rows = start(step)
+            return batch, [pool.submit(fill_rows, range(lo, hi)) for lo, hi in zip(bounds, bounds[1:])]
+
+        pending = collections.deque(submit(s) for s in first)
+        step = start_step + ahead
+        try:
+            while pending:
+                batch, rows = pending.popleft()
+                skipped = tuple(name for row in rows for name in row.result())
+                if end_step is None or step < end_step:
+                    pending.append(submit(step))
+                step += 1
+                yield batch, skipped
+        finally:
+            for _, rows in pending:
+                for row in rows:
+                    row.cancel()
+
+
 @functools.lru_cache(maxsize=4)
 def _epoch_permutation(seed: int, epoch: int, n: int) -> np.ndarray:
     """The order of epoch `epoch`: default_rng([seed, epoch]).permutation(n), computed once (~20 ms at 1.3 M)."""
@@ -79,21 +137,12 @@ class TwoViewBatches:
 
     def example(self, step: int, position: int, index: int):
         """(view1, view2, geometry, mask, skipped descriptions) of global `position` at `step`."""
-        skipped = []
-        rng = np.random.default_rng([self.seed, step, position])
-        for attempt in range(1, MAX_REPLACEMENTS + 1):
-            try:
-                image = load_rgb(self.source.read(index))
-                view1, view2, geometry = sample_two_views(rng, image, self.out_size, self.crop_min)
-                return view1, view2, geometry, block_mask(rng, self.grid, self.num_masked), skipped
-            except BadImageError as e:
-                name = self.source.describe(index)
-                log.warning("skipping %s: %s", name, e)
-                skipped.append(name)
-            rng = np.random.default_rng([self.seed, step, position, attempt])
-            index = int(rng.integers(len(self.source)))
-        raise TooManyBadImagesError(f"{MAX_REPLACEMENTS} undecodable examples in a row at step {step} (last: "
-                                    f"{skipped[-1]}); check config.data.source")
+        def views_and_mask(rng, image, index):
+            view1, view2, geometry = sample_two_views(rng, image, self.out_size, self.crop_min)
+            return view1, view2, geometry, block_mask(rng, self.grid, self.num_masked)
+
+        result, skipped = decode_with_replacements(self.source, self.seed, step, position, index, views_and_mask)
+        return (*result, skipped)
 
     def batch_at(self, step: int) -> dict:
         """The batch of this process at `step` (see the module docstring for the layout)."""
@@ -129,26 +178,9 @@ class TwoViewBatches:
         resizes without the GIL), each batch split into 2 * num_threads chunks of rows, so host memory holds
         about batches_ahead + 1 batches whatever the thread count.
         """
-        chunks = min(self.batch_size, 2 * self.num_threads)
-        bounds = np.linspace(0, self.batch_size, chunks + 1).round().astype(int)
-        with concurrent.futures.ThreadPoolExecutor(self.num_threads) as pool:
 
-            def submit(step):
-                batch, indices = self._empty_batch(), self.indices_at(step)
-                rows = [pool.submit(self._fill_rows, batch, step, indices, range(lo, hi))
-                        for lo, hi in zip(bounds, bounds[1:])]
-                return batch, rows
+        def start(step):
+            batch, indices = self._empty_batch(), self.indices_at(step)
+            return batch, lambda rows: self._fill_rows(batch, step, indices, rows)
 
-            pending = collections.deque(submit(start_step + k) for k in range(batches_ahead))
-            step = start_step + batches_ahead
-            try:
-                while True:
-                    batch, rows = pending.popleft()
-                    skipped = tuple(name for row in rows for name in row.result())
-                    pending.append(submit(step))
-                    step += 1
-                    yield batch, skipped
-            finally:
-                for _, rows in pending:
-                    for row in rows:
-                        row.cancel()
+        return build_ahead(start, self.batch_size, self.num_threads, start_step, batches_ahead)

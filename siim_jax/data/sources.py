@@ -2,7 +2,9 @@
 
 A source is a sequence of examples: `len(source)`, `source.read(i)` (encoded file bytes, or a decoded uint8
 (H, W, 3) array), `source.describe(i)` (a file path or record id for skip reports) and `source.label(i)`
-(the int class id, or None for unlabelled data; used only by the k-NN monitor). Spellings of `config.data.source`:
+(the int class id, or None for unlabelled data; used by the k-NN monitor and the evaluations) and, where known,
+`source.num_classes`. `open_source(..., split="validation")` opens the held-out labelled split of the same
+source (see open_source). Spellings of `config.data.source`:
 
 - `builtin`: the procedural grey-level images of `siim_jax.data.builtin` (`config.data.num_train` of them);
 - `imagefolder:<root>`: `<root>/<config.data.split>/<class>/<image>`, the layout the official code reads
@@ -95,10 +97,12 @@ def decode_rgb(data) -> np.ndarray:
 class ArraySource:
     """Decoded images in memory: uint8 (N, H, W, 3), with optional labels int (N,)."""
 
-    def __init__(self, images: np.ndarray, labels: np.ndarray | None = None, name: str = "array"):
+    def __init__(self, images: np.ndarray, labels: np.ndarray | None = None, name: str = "array",
+                 num_classes: int | None = None):
         self.images = images
         self.labels = None if labels is None else np.asarray(labels, np.int32)
         self.name = name
+        self.num_classes = num_classes
 
     def label(self, index: int) -> int | None:
         return None if self.labels is None else int(self.labels[index])
@@ -133,18 +137,37 @@ def _entry_is(entry, kind: str) -> bool:
                           "remove it or point it at a real folder or file") from None
 
 
-class ImageFolderSource:
-    """Files `<root>/<split>/<class>/<image>` in sorted (class, file name) order; labels are class indices."""
+def class_folders(directory: str) -> list[str]:
+    """Sorted names of the sub-folders of `directory` (an image folder's classes). Raises SourceError."""
+    return sorted(e.name for e in _list_directory(directory) if _entry_is(e, "dir"))
 
-    def __init__(self, root: str, split: str = "train"):
+
+class ImageFolderSource:
+    """Files `<root>/<split>/<class>/<image>` in sorted (class, file name) order; labels are class indices.
+
+    `classes` (sorted class names) fixes the class-index mapping, e.g. a validation split labelled with the
+    training split's classes: a class folder not in it is a SourceError. Default: the split's own sub-folders.
+    """
+
+    def __init__(self, root: str, split: str = "train", classes: list[str] | None = None):
         directory = os.path.join(root, split)
         if not os.path.isdir(directory):
             raise SourceError(f"imagefolder: {directory!r} is not a directory; expected the layout "
                               f"<root>/{split}/<class>/<image> (set config.data.split to change '{split}')")
         start = time.perf_counter()
-        self.classes = sorted(e.name for e in _list_directory(directory) if _entry_is(e, "dir"))
+        found = class_folders(directory)
+        self.classes = found if classes is None else list(classes)
+        class_index = {name: label for label, name in enumerate(self.classes)}
+        unknown = [name for name in found if name not in class_index]
+        if unknown:
+            shown = ", ".join(repr(name) for name in unknown[:5]) + (", ..." if len(unknown) > 5 else "")
+            raise SourceError(f"imagefolder: {directory!r} has {len(unknown)} class folder(s) that the training "
+                              f"split lacks ({shown}); its classes must be among the {len(self.classes)} "
+                              "training class folders")
+        self.num_classes = len(self.classes)
         paths, labels, ignored = [], [], 0
-        for label, name in enumerate(self.classes):
+        for name in found:
+            label = class_index[name]
             entries = _list_directory(os.path.join(directory, name))
             for entry in sorted(entries, key=lambda e: e.name):
                 if _entry_is(entry, "file") and entry.name.lower().endswith(IMAGE_EXTENSIONS):
@@ -178,19 +201,59 @@ class ImageFolderSource:
         return int(self.labels[index])
 
 
-def open_source(data_config, seed: int):
-    """The source named by `data_config.source` (see the module docstring). Raises SourceError."""
+SPLITS = ("train", "validation")
+IMAGEFOLDER_VALIDATION = "val"  # the official code's <root>/val
+TFDS_VALIDATION = "validation"  # ImageNet's name in TFDS
+DEFAULT_NUM_VAL = 500  # builtin: held-out images when config.data has no num_val
+
+
+def open_source(data_config, seed: int, split: str = "train"):
+    """The source named by `data_config.source` (see the module docstring), its training or validation split.
+
+    split="train": the training data (`config.data.split` of an image folder or TFDS dataset). split="validation":
+    held-out labelled images, never training ones: builtin -> `data.num_val` (default 500) images freshly generated
+    after the training ones (make_builtin_images offset=num_train, as the k-NN monitor's queries);
+    `imagefolder:<root>` -> `<root>/val/`, labelled with the class indices of `<root>/<config.data.split>/`;
+    `tfds:<name>` -> its split "validation". Raises SourceError (one line) when there is no such split.
+    """
+    if split not in SPLITS:
+        raise SourceError(f"open_source: split={split!r}; use one of {', '.join(SPLITS)}")
     spec = data_config.source
     if spec == "builtin":
         from siim_jax.data.builtin import make_builtin_images
-        log.info("generating %d built-in images", data_config.num_train)
-        images, labels = make_builtin_images(seed, data_config.num_train, data_config.raw_size,
-                                             data_config.num_classes)
-        return ArraySource(images, labels, "builtin")
+        if split == "train":
+            log.info("generating %d built-in images", data_config.num_train)
+            images, labels = make_builtin_images(seed, data_config.num_train, data_config.raw_size,
+                                                 data_config.num_classes)
+            return ArraySource(images, labels, "builtin", num_classes=data_config.num_classes)
+        num_val = data_config.get("num_val", DEFAULT_NUM_VAL)
+        log.info("generating %d held-out built-in images", num_val)
+        images, labels = make_builtin_images(seed, num_val, data_config.raw_size, data_config.num_classes,
+                                             offset=data_config.num_train)
+        return ArraySource(images, labels, "builtin:validation", num_classes=data_config.num_classes)
     kind, _, location = spec.partition(":")
     if kind == "imagefolder" and location:
-        return ImageFolderSource(os.path.expanduser(location), data_config.split)
+        root = os.path.expanduser(location)
+        if split == "train":
+            return ImageFolderSource(root, data_config.split)
+        return _imagefolder_validation(root, data_config.split)
     if kind == "tfds" and location:
         from siim_jax.data.tfds_source import TfdsSource
-        return TfdsSource(location, data_config.split, data_config.tfds_data_dir)
+        if split == "train":
+            return TfdsSource(location, data_config.split, data_config.tfds_data_dir)
+        return TfdsSource(location, TFDS_VALIDATION, data_config.tfds_data_dir,
+                          missing_split=f"no validation split (looked for the TFDS split {TFDS_VALIDATION!r})")
     raise SourceError(f"config.data.source={spec!r}: use 'builtin', 'imagefolder:<root>' or 'tfds:<name>'")
+
+
+def _imagefolder_validation(root: str, train_split: str) -> ImageFolderSource:
+    """`<root>/val/` labelled with the class indices of `<root>/<train_split>/`. Raises SourceError."""
+    directory = os.path.join(root, IMAGEFOLDER_VALIDATION)
+    if not os.path.isdir(directory):
+        raise SourceError(f"imagefolder: no validation split: {directory!r} is not a directory (looked for "
+                          f"<root>/{IMAGEFOLDER_VALIDATION}/<class>/<image>, the layout of the official code)")
+    train_directory = os.path.join(root, train_split)
+    if not os.path.isdir(train_directory):
+        raise SourceError(f"imagefolder: {train_directory!r} is not a directory; the validation split takes its "
+                          f"class indices from the training split <root>/{train_split}/<class>/")
+    return ImageFolderSource(root, IMAGEFOLDER_VALIDATION, classes=class_folders(train_directory))

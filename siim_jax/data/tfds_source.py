@@ -62,11 +62,13 @@ class TfdsSource:
     has no `label` ClassLabel feature; `describe(i)` -> `"tfds:<name>/<split>[i]"`. The image feature is
     `image_key` when given, else the one named `image`, else the dataset's only Image feature.
     Thread-safe: ArrayRecord readers are shared across threads by design, and parsing builds new objects.
-    Raises SourceError (one line naming the bad value and the fix) when the dataset cannot be used.
+    Raises SourceError (one line naming the bad value and the fix) when the dataset cannot be used;
+    `missing_split` replaces the advice to set config.data.split when `split` does not exist (e.g. for a
+    validation split, which that setting does not choose).
     """
 
     def __init__(self, name: str, split: str = "train", data_dir: str | None = None,
-                 image_key: str | None = None):
+                 image_key: str | None = None, missing_split: str | None = None):
         try:
             import tensorflow_datasets as tfds
         except ImportError as e:
@@ -107,6 +109,9 @@ class TfdsSource:
         try:
             num_examples = info.splits[split].num_examples
         except (ValueError, KeyError, TypeError) as e:
+            if missing_split is not None:
+                raise SourceError(f"tfds:{name}: {missing_split}; the dataset prepared under {where!r} has the "
+                                  f"splits {sorted(info.splits)}") from e
             raise SourceError(f"tfds:{name}: split {split!r} not available ({_first_line(e)}); set "
                               f"config.data.split to one of {sorted(info.splits)} (TFDS split syntax, e.g. "
                               f"'train' or 'train[:10%]')") from e

@@ -69,12 +69,19 @@ def sample_two_views(rng: np.random.Generator, image, out_size: int, crop_min: f
     return view1, view2, geometry
 
 
-def eval_view(image: Image.Image, size: int) -> np.ndarray:
+def official_eval_short_side(size: int) -> int:
+    """The shorter side the official evaluations resize to before the centred `size` crop (MAE's build_transform,
+    which SiameseIM keeps): int(size / (224 / 256)) up to size 224 (256 at 224, 36 at 32), `size` above."""
+    return int(size * 256 / 224) if size <= 224 else size
+
+
+def eval_view(image: Image.Image, size: int, short_side: int | None = None) -> np.ndarray:
     """The evaluation transform (SPEC section 5 at size 224: resize 256, centre crop 224), with torchvision's
-    rounding: shorter side to round(size * 256 / 224), the longer one int(scaled), bicubic, then the centred
-    size x size crop. RGB PIL image -> uint8 (size, size, 3)."""
+    rounding: shorter side to `short_side` (default round(size * 256 / 224); official_eval_short_side(size) is
+    the official code's, equal at 224), the longer one int(scaled), bicubic, then the centred size x size crop.
+    RGB PIL image -> uint8 (size, size, 3)."""
     width, height = image.size
-    short = round(size * 256 / 224)
+    short = round(size * 256 / 224) if short_side is None else short_side
     new_w, new_h = (short, int(short * height / width)) if width <= height else (int(short * width / height), short)
     resized = image.resize((new_w, new_h), Image.BICUBIC)
     top, left = round((new_h - size) / 2), round((new_w - size) / 2)

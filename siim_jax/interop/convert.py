@@ -74,7 +74,7 @@ def import_state_dict(config: ml_collections.ConfigDict, state: TrainState, stat
             hint = (f"\nThe keys look like the {detect_kind(state_dict)} format: pass kind='{detect_kind(state_dict)}'"
                     f" (CLI: --kind {detect_kind(state_dict)})." if detect_kind(state_dict) != kind else "")
             raise StateDictMismatchError(
-                f"the {kind} state dict does not fit this model ({config.model.loss_type}, variant "
+                f"the {kind} state dict does not fit this model ({config.model.loss_type} method, variant "
                 f"{config.model.variant}, {config.model.image_size}px):\n" + "\n".join(problems) + hint
                 + "\nUse a checkpoint of the same architecture, or pass allow_partial=True (CLI: --allow-partial) "
                 "to load the arrays that fit and keep the others as they are.")

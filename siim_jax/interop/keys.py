@@ -25,6 +25,7 @@ import ml_collections
 import numpy as np
 
 from siim_jax.config import VIT_VARIANTS
+from siim_jax.methods import get_method
 from siim_jax.models.pos_embed import sincos_2d
 
 TO_TORCH: dict[str, Callable] = {
@@ -115,11 +116,6 @@ def _spec(key: str, path: tuple, shape: tuple, locations: tuple) -> KeySpec:
     return KeySpec(key, torch_shape, shape, layout, locations)
 
 
-def decoder_width(config: ml_collections.ConfigDict) -> int:
-    m = config.model
-    return m.mae_decoder_width if m.loss_type == "mae" else m.decoder_width
-
-
 def grid_size(config: ml_collections.ConfigDict) -> int:
     return config.model.image_size // VIT_VARIANTS[config.model.variant][3]
 
@@ -128,7 +124,7 @@ def fixed_value(fixed: FixedKey, config: ml_collections.ConfigDict, step: int = 
     """The value a PyTorch model of this config stores under a fixed key (num_batches_tracked: BatchNorm
     forward passes in train mode, one per micro-batch of each step)."""
     if fixed.kind == "decoder_pos_embed":
-        return sincos_2d(decoder_width(config), grid_size(config), class_token=True)[None]
+        return sincos_2d(get_method(config).decoder_width, grid_size(config), class_token=True)[None]
     if fixed.kind == "num_batches_tracked":
         return np.asarray(step * config.grad_accum_steps, np.int64)
     return (np.ones if fixed.kind == "ones" else np.zeros)(fixed.torch_shape, np.float32)
@@ -144,16 +140,13 @@ def state_layout(config: ml_collections.ConfigDict, state, kind: str, branch: st
         raise ValueError(f"unknown checkpoint kind {kind!r}: choose 'encoder' or 'full'")
     if branch not in ("online", "target"):
         raise ValueError(f"unknown branch {branch!r}: choose 'online' or 'target'")
-    mae = config.model.loss_type == "mae"
-    if mae and branch == "target":
-        raise ValueError("the MAE baseline has no target branch: use branch 'online'")
+    method = get_method(config)
+    if not method.has_target and branch == "target":
+        raise ValueError(f"the {method.name} method has no target branch: use branch 'online'")
     if kind == "encoder":
-        online_root = ("encoder",) if mae else ("online", "encoder")
-        roots = [("ema_params", ("encoder",))] if branch == "target" else [("params", online_root)]
-        if branch == "target":
-            roots.append(("params", online_root))
-        elif not mae:
-            roots.append(("ema_params", ("encoder",)))
+        online = ("params", method.online_encoder_path)
+        target = ("ema_params", method.target_encoder_path)
+        roots = [target, online] if branch == "target" else [online] + ([target] if method.has_target else [])
         collection, root = roots[0]
         tree = getattr(state, collection)
         for k in root:
@@ -179,7 +172,7 @@ def state_layout(config: ml_collections.ConfigDict, state, kind: str, branch: st
         module = ".".join(names[:-1])
         key = f"{module}.bn.{names[-1]}" if module in bn_modules else ".".join(names)
         locations = ((collection, path),)
-        if not mae and path == ("online", "encoder", "pos_embed"):
+        if method.has_target and path == method.online_encoder_path + ("pos_embed",):
             locations += (("ema_params", ("encoder", "pos_embed")),)  # one table shared by both branches
         specs.append(_spec(key, path, shape, locations))
 
@@ -188,9 +181,9 @@ def state_layout(config: ml_collections.ConfigDict, state, kind: str, branch: st
     for path, shape in _leaves(state.ema_params):
         if path != ("encoder", "pos_embed"):
             add("ema_params", path, shape, target=True)
-    dd, grid = decoder_width(config), grid_size(config)
+    dd, grid = method.decoder_width, grid_size(config)
     fixed.append(FixedKey("decoder_pos_embed", (1, 1 + grid * grid, dd), "decoder_pos_embed"))
-    if not mae and config.model.online_ln:  # the official frozen LayerNorm on the predictions: 1 and 0
+    if method.has_target and config.model.online_ln:  # the official frozen LayerNorm on the predictions: 1 and 0
         fixed += [FixedKey("student_norm.weight", (dd,), "ones"), FixedKey("student_norm.bias", (dd,), "zeros")]
     return Layout("full", tuple(specs), tuple(fixed))
 

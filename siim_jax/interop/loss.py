@@ -9,8 +9,10 @@ import numpy as np
 from siim_jax.config import VIT_VARIANTS
 from siim_jax.interop.keys import TO_TORCH, state_layout
 from siim_jax.parallel.sharding import create_mesh, replicated
-from siim_jax.train.state import TrainState, abstract_model, trainable_labels
-from siim_jax.train.step import jit_in_mesh, make_siamese_loss_fn
+from siim_jax.methods import get_method
+from siim_jax.methods.pretraining import SiameseMethod
+from siim_jax.train.state import TrainState, abstract_model
+from siim_jax.train.step import jit_in_mesh
 
 
 def pretraining_loss(config: ml_collections.ConfigDict, state: TrainState, batch: dict, with_grads: bool = False,
@@ -27,13 +29,14 @@ def pretraining_loss(config: ml_collections.ConfigDict, state: TrainState, batch
     weights under the official key names (patch embedding and position tables are frozen and left out).
     Runs on `mesh` (default: one device); BatchNorm and the loss use the whole batch either way.
     """
-    if config.model.loss_type != "siamese":
+    method = get_method(config)
+    if not isinstance(method, SiameseMethod):
         raise ValueError(f"pretraining_loss computes the SiameseIM loss; config.model.loss_type is "
                          f"{config.model.loss_type!r}")
     inputs = _validated_batch(config, batch)
     mesh = mesh or create_mesh({"data": 1, "fsdp": 1, "tensor": 1}, devices=jax.devices()[:1])
     graphdef, _, _ = abstract_model(config)
-    loss_fn = make_siamese_loss_fn(config, graphdef)
+    loss_fn = method.make_augmented_loss_fn(graphdef)
     if with_grads:
         loss_fn = jax.value_and_grad(loss_fn, has_aux=True)
     params, ema, stats = jax.device_get((state.params, state.ema_params, state.batch_stats))
@@ -43,7 +46,7 @@ def pretraining_loss(config: ml_collections.ConfigDict, state: TrainState, batch
     (loss, new_stats), grads = out if with_grads else (out, None)
     result = {"loss": float(loss), "batch_stats": new_stats}
     if with_grads:
-        labels = trainable_labels(grads, config)
+        labels = method.trainable_labels(grads)
         layout = state_layout(config, state.replace(params=grads), "full")
         result["grads"] = {}
         for spec in layout.specs:

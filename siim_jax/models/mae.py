@@ -29,11 +29,11 @@ class MAE(nnx.Module):
         self.norm_pix_loss = mc.norm_pix_loss
         self.encoder = VisionTransformer(width=width, depth=depth, heads=heads, patch=patch,
                                          image_size=mc.image_size, mlp_ratio=mc.mlp_ratio, final_norm=True,
-                                         dtype=dtype, rngs=rngs)
+                                         remat=mc.remat, dtype=dtype, rngs=rngs)
         self.decoder_embed = dense(width, dd, ("embed", "mlp"), dtype=dtype, rngs=rngs)
         self.mask_token = nnx.Param(token_init(rngs.params(), (1, 1, dd)), logical_axes=(None, None, "embed"))
-        self.decoder_blocks = nnx.List([Block(dd, mc.mae_decoder_heads, mc.mlp_ratio, dtype=dtype, rngs=rngs)
-                                        for _ in range(mc.mae_decoder_depth)])
+        self.decoder_blocks = nnx.List([Block(dd, mc.mae_decoder_heads, mc.mlp_ratio, remat=mc.remat, dtype=dtype,
+                                              rngs=rngs) for _ in range(mc.mae_decoder_depth)])
         self.decoder_norm = layer_norm(dd, rngs=rngs)
         self.decoder_pred = dense(dd, patch * patch * 3, ("embed", "mlp"), dtype=dtype, rngs=rngs)
 

@@ -27,12 +27,12 @@ class SiameseBranch(nnx.Module):
         dtype, dd = compute_dtype(mc), mc.decoder_width
         self.encoder = VisionTransformer(width=width, depth=depth, heads=heads, patch=patch,
                                          image_size=mc.image_size, mlp_ratio=mc.mlp_ratio,
-                                         init_values=mc.init_values, dtype=dtype, rngs=rngs)
+                                         init_values=mc.init_values, remat=mc.remat, dtype=dtype, rngs=rngs)
         self.decoder_embed = dense(width, dd, ("embed", "mlp"), dtype=dtype, rngs=rngs)
         self.mask_token = nnx.Param(token_init(rngs.params(), (1, 1, dd)), logical_axes=(None, None, "embed"))
         norm = "ln" if mc.use_proj_ln else "bn"
         self.projector_decoder_blocks = nnx.List(
-            [Block(dd, mc.decoder_heads, mc.mlp_ratio, norm=norm, dtype=dtype, rngs=rngs)
+            [Block(dd, mc.decoder_heads, mc.mlp_ratio, norm=norm, remat=mc.remat, dtype=dtype, rngs=rngs)
              for _ in range(mc.projector_depth)])
 
     def project(self, tokens):
@@ -54,7 +54,7 @@ class SiameseIM(nnx.Module):
         self.decoder_pos_mlp = dense(2 * dd, dd, ("mlp", "embed"), dtype=dtype, rngs=rngs)
         norm = "ln" if mc.use_pred_ln else "bn"
         self.predictor_decoder_blocks = nnx.List(
-            [Block(dd, mc.decoder_heads, mc.mlp_ratio, norm=norm, dtype=dtype, rngs=rngs)
+            [Block(dd, mc.decoder_heads, mc.mlp_ratio, norm=norm, remat=mc.remat, dtype=dtype, rngs=rngs)
              for _ in range(mc.predictor_depth)])
         self.decoder_pred = dense(dd, dd, ("embed", "mlp"), dtype=dtype, rngs=rngs)
         self.online_ln = mc.online_ln

@@ -15,6 +15,12 @@ from siim_jax.parallel.sharding import constrain
 
 TOKENS = ("batch", None, None)  # logical axes of (N, T, D) activations
 
+# config.model.remat -> what a block's backward pass keeps from its forward pass (the rest is recomputed):
+# "none" keeps everything; "dots" keeps the weight matmuls' outputs (recomputes attention scores, norms, GELU);
+# "full" keeps only the block's input
+REMAT_POLICIES = {"none": None, "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+                  "full": jax.checkpoint_policies.nothing_saveable}
+
 xavier_uniform = nnx.initializers.xavier_uniform()
 token_init = nnx.initializers.normal(stddev=0.02)
 
@@ -100,7 +106,8 @@ class Block(nnx.Module):
     """Pre-norm transformer block: x += Attn(Norm(x)); x += MLP(Norm(x)); optional layer scale."""
 
     def __init__(self, width: int, heads: int, mlp_ratio: float, *, norm: Literal["ln", "bn"] = "ln",
-                 init_values: float = 0.0, dtype, rngs: nnx.Rngs):
+                 init_values: float = 0.0, remat: str = "none", dtype, rngs: nnx.Rngs):
+        self.remat = remat
         make_norm = (lambda: layer_norm(width, rngs=rngs)) if norm == "ln" else (lambda: BatchNorm(width))
         self.norm1 = make_norm()
         self.attn = Attention(width, heads, dtype=dtype, rngs=rngs)
@@ -113,6 +120,11 @@ class Block(nnx.Module):
             self.ls1 = self.ls2 = None
 
     def __call__(self, x):  # (N, T, D) float32 -> (N, T, D) float32
+        if self.remat == "none":
+            return self.forward(x)
+        return nnx.remat(type(self).forward, policy=REMAT_POLICIES[self.remat])(self, x)
+
+    def forward(self, x):
         x = constrain(x.astype(jnp.float32), TOKENS)
         y = self.attn(self.norm1(x)).astype(jnp.float32)
         x = constrain(x + (y * self.ls1[...] if self.ls1 is not None else y), TOKENS)
@@ -145,15 +157,16 @@ class VisionTransformer(nnx.Module):
     """
 
     def __init__(self, *, width: int, depth: int, heads: int, patch: int, image_size: int, mlp_ratio: float = 4.0,
-                 init_values: float = 0.0, final_norm: bool = False, dtype=jnp.float32, rngs: nnx.Rngs):
+                 init_values: float = 0.0, final_norm: bool = False, remat: str = "none", dtype=jnp.float32,
+                 rngs: nnx.Rngs):
         self.grid = image_size // patch
         self.width = width
         self.patch_embed = PatchEmbed(patch, width, dtype=dtype, rngs=rngs)
         self.cls_token = nnx.Param(token_init(rngs.params(), (1, 1, width)), logical_axes=(None, None, "embed"))
         self.pos_embed = nnx.Param(jnp.asarray(sincos_2d(width, self.grid, class_token=True))[None],
                                    logical_axes=(None, None, "embed"))
-        self.blocks = nnx.List([Block(width, heads, mlp_ratio, init_values=init_values, dtype=dtype, rngs=rngs)
-                                for _ in range(depth)])
+        self.blocks = nnx.List([Block(width, heads, mlp_ratio, init_values=init_values, remat=remat, dtype=dtype,
+                                      rngs=rngs) for _ in range(depth)])
         self.norm = layer_norm(width, rngs=rngs) if final_norm else None
 
     def patch_tokens(self, images):

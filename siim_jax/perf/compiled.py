@@ -6,15 +6,15 @@ import math
 import re
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from siim_jax.config import VIT_VARIANTS, ConfigError
+from siim_jax.config import ConfigError
+from siim_jax.methods import get_method
 from siim_jax.parallel.sharding import batch_sharding, batch_shards, create_mesh
 from siim_jax.train.schedules import ema_momentum_fn, learning_rate_fn, training_length
 from siim_jax.train.state import abstract_train_state
-from siim_jax.train.step import BATCH_NDIMS, jit_train_step
+from siim_jax.train.step import jit_train_step
 
 
 @dataclasses.dataclass
@@ -24,14 +24,6 @@ class StepPlan:
     abstract_state: object  # TrainState of ShapeDtypeStructs carrying their shardings
     abstract_batch: dict  # ShapeDtypeStructs carrying their shardings
     learning_rate: object
-
-
-def batch_shapes(config: ml_collections.ConfigDict) -> dict:
-    """{name: (shape, dtype)} of one global train batch (siim_jax/data/pipeline.py)."""
-    b, s = config.batch_size, config.model.image_size
-    cells = (s // VIT_VARIANTS[config.model.variant][3]) ** 2
-    return {"view1": ((b, s, s, 3), jnp.uint8), "view2": ((b, s, s, 3), jnp.uint8),
-            "geometry": ((b, 6), jnp.float32), "mask": ((b, cells), jnp.bool_)}
 
 
 def plan_train_step(config: ml_collections.ConfigDict, devices=None) -> StepPlan:
@@ -47,8 +39,8 @@ def plan_train_step(config: ml_collections.ConfigDict, devices=None) -> StepPlan
     lr_fn, momentum_fn = learning_rate_fn(config, length), ema_momentum_fn(config, length)
     graphdef, tx, abstract_state, shardings = abstract_train_state(config, mesh, lr_fn)
     step = jit_train_step(config, graphdef, tx, lr_fn, momentum_fn, mesh, shardings)
-    batch = {k: jax.ShapeDtypeStruct(shape, dtype, sharding=batch_sharding(mesh, rules, BATCH_NDIMS[k]))
-             for k, (shape, dtype) in batch_shapes(config).items()}
+    batch = {k: jax.ShapeDtypeStruct(shape, dtype, sharding=batch_sharding(mesh, rules, len(shape)))
+             for k, (shape, dtype) in get_method(config).batch_spec(config.batch_size).items()}
     return StepPlan(mesh, step, abstract_state, batch, lr_fn)
 
 
@@ -107,16 +99,7 @@ def collective_bytes(hlo_text: str) -> dict:
 
 
 def synthetic_batch(config: ml_collections.ConfigDict, plan: StepPlan, seed: int = 0) -> dict:
-    """A device batch of random views, valid geometry (identity crops) and exact masks, in the step's
-    shardings: the default input of the step benchmark, so that it times the step and nothing else."""
-    rng = np.random.default_rng(seed)
-    arrays = {}
-    for name, (shape, dtype) in batch_shapes(config).items():
-        if name == "geometry":  # [di, dj, dh, dw, rflip, dj_flip] of two equal crops
-            value = np.tile(np.array([0, 0, 1, 1, 0, 1], np.float32), (shape[0], 1))
-        elif name == "mask":
-            value = np.argsort(rng.random(shape), axis=1) < config.data.num_masked
-        else:
-            value = rng.integers(0, 256, shape, dtype=np.uint8)
-        arrays[name] = value
+    """A valid random train batch of the method (siim_jax/methods) in the step's shardings: the default input of
+    the step benchmark, so that it times the step and nothing else."""
+    arrays = get_method(config).synthetic_batch(config.batch_size, np.random.default_rng(seed))
     return {k: jax.device_put(v, plan.abstract_batch[k].sharding) for k, v in arrays.items()}

@@ -8,7 +8,6 @@ L/16: 334; H/14: 816 (XLA's own count of the compiled step: 143, 337, 823).
 
 import ml_collections
 
-from siim_jax.config import VIT_VARIANTS
 
 
 def block_flops(tokens: int, width: int, mlp_ratio: float) -> float:
@@ -20,40 +19,13 @@ def block_flops(tokens: int, width: int, mlp_ratio: float) -> float:
     return matmuls + attention
 
 
-def _patch_embed_flops(patches: int, patch: int, width: int) -> float:
+def patch_embed_flops(patches: int, patch: int, width: int) -> float:
     return 2 * patches * 3 * patch * patch * width
 
 
-def forward_flops(mc: ml_collections.ConfigDict, num_masked: int) -> dict:
-    """Forward FLOPs per image of the parts of the model: {"online": ..., "target": ...} (SiameseIM) or
-    {"online": ...} (MAE). The patch embedding runs on every patch of view 1 (the visible ones are picked
-    after it), as the model code does."""
-    width, depth, _, patch = VIT_VARIANTS[mc.variant]
-    patches = (mc.image_size // patch) ** 2
-    r = mc.mlp_ratio
-    if mc.loss_type == "mae":
-        visible = int(round(patches * (1 - mc.mae_mask_ratio)))
-        dd = mc.mae_decoder_width
-        online = (_patch_embed_flops(patches, patch, width) + depth * block_flops(1 + visible, width, r)
-                  + 2 * (1 + visible) * width * dd + mc.mae_decoder_depth * block_flops(1 + patches, dd, r)
-                  + 2 * patches * dd * patch * patch * 3)
-        return {"online": online}
-    visible = patches - num_masked
-    dd = mc.decoder_width
-
-    def branch(tokens):  # encoder + decoder_embed + projector blocks on `tokens` patch tokens
-        return (depth * block_flops(1 + tokens, width, r) + 2 * (1 + tokens) * width * dd
-                + mc.projector_depth * block_flops(1 + tokens, dd, r))
-
-    online = (_patch_embed_flops(patches, patch, width) + branch(visible)
-              + 2 * patches * 2 * dd * dd  # decoder_pos_mlp on the relative position of every query
-              + mc.predictor_depth * block_flops(1 + visible + patches, dd, r)
-              + 2 * patches * dd * dd)  # decoder_pred
-    target = _patch_embed_flops(patches, patch, width) + branch(patches)
-    return {"online": online, "target": target}
-
-
 def train_flops_per_image(config: ml_collections.ConfigDict) -> float:
-    """Analytic FLOPs of one image of a train step: 3 x online forward + 1 x target forward."""
-    parts = forward_flops(config.model, config.data.num_masked)
-    return 3 * parts["online"] + parts.get("target", 0.0)
+    """Analytic FLOPs of one image of a train step: 3 x the forward of the differentiated parts (forward,
+    backward for inputs and weights) + 1 x the forward-only parts (a target branch, a frozen encoder)."""
+    from siim_jax.methods import get_method  # the methods build on block_flops
+    parts = get_method(config).forward_flops()
+    return 3 * parts["differentiated"] + parts.get("forward_only", 0.0)

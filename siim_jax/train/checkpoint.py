@@ -42,9 +42,13 @@ class CheckpointWriteError(RuntimeError):
     restore never takes for intact."""
 
 
+HOW_TO_RUN_KEYS = ("remat",)  # config.model keys that change how the step runs, never the state: free on resume
+
+
 def model_signature(config: ml_collections.ConfigDict) -> dict:
     """The config values that fix the shapes of the train state."""
-    return {"model": json.loads(config.model.to_json()), "num_masked": config.data.num_masked}
+    model = {k: v for k, v in json.loads(config.model.to_json()).items() if k not in HOW_TO_RUN_KEYS}
+    return {"model": model, "num_masked": config.data.num_masked}
 
 
 _all_finite = jax.jit(all_finite)

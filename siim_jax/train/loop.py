@@ -29,12 +29,13 @@ from siim_jax.data.pipeline import TwoViewBatches
 from siim_jax.data.sources import ArraySource, BadImageError, load_rgb, open_source
 from siim_jax.data.views import eval_view
 from siim_jax.eval.knn import knn_top1
+from siim_jax.methods import get_method
 from siim_jax.parallel.distributed import StopVote, sum_over_processes
 from siim_jax.parallel.sharding import (batch_sharding, batch_shards, create_mesh, global_batch, local_rows,
                                         owned_rows_mask, replicated)
 from siim_jax.train.checkpoint import Checkpointer
 from siim_jax.train.schedules import ema_momentum_fn, learning_rate_fn, training_length
-from siim_jax.train.state import abstract_train_state, init_train_state, merge_params
+from siim_jax.train.state import abstract_train_state, init_train_state
 from siim_jax.train.step import jit_in_mesh, jit_train_step
 from siim_jax.train.workdir_lock import WorkdirLock
 
@@ -113,10 +114,11 @@ class StopRequest:
 def make_feature_fn(config, graphdef, mesh, shardings):
     """Jitted (state params, ema, stats, uint8 images (N, H, W, 3)) -> encoder features (N, D) float32."""
     size = config.model.image_size
+    method = get_method(config)
 
     def features(params, ema_params, batch_stats, images):
-        model = nnx.merge(graphdef, merge_params(params, ema_params), batch_stats)
-        encoder = model.encoder if config.model.loss_type == "mae" else model.online.encoder
+        model = nnx.merge(graphdef, method.merge_params(params, ema_params), batch_stats)
+        encoder = method.encoder(model)
         images = normalize(images)
         if images.shape[1] != size:
             images = jax.image.resize(images, (images.shape[0], size, size, 3), "bicubic")

@@ -1,0 +1,131 @@
+"""Fine-tuning regularisers (SPEC section 5): mixup/cutmix with label smoothing and stochastic depth on device,
+random erasing on the host (RandAugment is `siim_jax.data.randaugment`).
+
+Device functions are jit-able with static shapes and follow timm's conventions (`timm.data.Mixup(mode='batch')`,
+`timm.layers.drop_path`); the host function follows `timm.data.RandomErasing` on one normalised (H, W, C) image.
+"""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+MIXUP_ALPHA, CUTMIX_ALPHA, SWITCH_PROB, LABEL_SMOOTHING = 0.8, 1.0, 0.5, 0.1
+DROP_PATH_RATE = 0.1
+ERASE_PROB = 0.25
+
+
+def smooth_one_hot(labels: jax.Array, num_classes: int, smoothing: float) -> jax.Array:
+    """Integer labels (N,) -> float32 (N, num_classes): s / C off the label, 1 - s + s / C on it (timm)."""
+    return jax.nn.one_hot(labels, num_classes, dtype=jnp.float32) * (1.0 - smoothing) + smoothing / num_classes
+
+
+def cutmix_box(key: jax.Array, lam: jax.Array, height: int, width: int) -> jax.Array:
+    """timm `rand_bbox` as a mask: bool (height, width), True inside a box of sides int(side * sqrt(1 - lam)) whose
+    centre is uniform over the pixels, clipped at the borders."""
+    y_key, x_key = jax.random.split(key)
+    ratio = jnp.sqrt(1.0 - lam)
+
+    def interval(key, size):
+        cut = jnp.floor(size * ratio).astype(jnp.int32)
+        centre = jax.random.randint(key, (), 0, size)
+        return jnp.clip(centre - cut // 2, 0, size), jnp.clip(centre + (cut + 1) // 2, 0, size)
+
+    (top, bottom), (left, right) = interval(y_key, height), interval(x_key, width)
+    rows, cols = jnp.arange(height)[:, None], jnp.arange(width)[None, :]
+    return (rows >= top) & (rows < bottom) & (cols >= left) & (cols < right)
+
+
+def mixup_cutmix(key: jax.Array, images: jax.Array, labels: jax.Array, num_classes: int,
+                 mixup_alpha: float = MIXUP_ALPHA, cutmix_alpha: float = CUTMIX_ALPHA,
+                 switch_prob: float = SWITCH_PROB, label_smoothing: float = LABEL_SMOOTHING):
+    """Batch-level mixup or cutmix with the batch reversed: images (N, H, W, C), labels (N,) int ->
+    (mixed images (N, H, W, C) in the images' dtype, soft targets float32 (N, num_classes)).
+
+    Cutmix with probability `switch_prob` (when both alphas > 0), else mixup; lam ~ Beta(alpha, alpha) of the
+    chosen one. Mixup: lam * x + (1 - lam) * x[::-1]. Cutmix: one box (`cutmix_box`) shared by the batch, pasted
+    from x[::-1], lam corrected to 1 - box area / (H * W). Targets lam * smooth(y) + (1 - lam) * smooth(y[::-1]).
+    """
+    if mixup_alpha <= 0 and cutmix_alpha <= 0:
+        raise ValueError("mixup_cutmix needs mixup_alpha > 0 or cutmix_alpha > 0")
+    switch_key, mixup_key, cutmix_key, box_key = jax.random.split(key, 4)
+    if mixup_alpha > 0 and cutmix_alpha > 0:
+        use_cutmix = jax.random.uniform(switch_key) < switch_prob
+    else:
+        use_cutmix = jnp.asarray(cutmix_alpha > 0)
+    lam_mixup = jax.random.beta(mixup_key, mixup_alpha, mixup_alpha) if mixup_alpha > 0 else jnp.float32(1.0)
+    lam_drawn = jax.random.beta(cutmix_key, cutmix_alpha, cutmix_alpha) if cutmix_alpha > 0 else jnp.float32(1.0)
+    height, width = images.shape[1:3]
+    box = cutmix_box(box_key, lam_drawn, height, width)
+    lam_cutmix = 1.0 - jnp.sum(box, dtype=jnp.int32).astype(jnp.float32) / (height * width)
+
+    flipped = images[::-1]
+    mixed_by_mixup = (images * lam_mixup + flipped * (1.0 - lam_mixup)).astype(images.dtype)
+    mixed_by_cutmix = jnp.where(box[None, :, :, None], flipped, images)
+    mixed = jnp.where(use_cutmix, mixed_by_cutmix, mixed_by_mixup)
+
+    lam = jnp.where(use_cutmix, lam_cutmix, lam_mixup).astype(jnp.float32)
+    smoothed = smooth_one_hot(labels, num_classes, label_smoothing)
+    return mixed, lam * smoothed + (1.0 - lam) * smoothed[::-1]
+
+
+def soft_target_cross_entropy(logits: jax.Array, targets: jax.Array) -> jax.Array:
+    """Mean over the batch of -sum_c targets * log_softmax(logits): logits, targets (N, C) -> float32 scalar."""
+    log_probs = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+    return jnp.mean(-jnp.sum(targets.astype(jnp.float32) * log_probs, axis=-1))
+
+
+def drop_path(key: jax.Array, x: jax.Array, rate: float, deterministic: bool) -> jax.Array:
+    """Stochastic depth on a residual branch x (N, ...): each sample is zeroed with probability `rate` (a static
+    float), the kept ones scaled by 1 / (1 - rate); identity when `deterministic` or rate == 0."""
+    if deterministic or rate == 0.0:
+        return x
+    if rate >= 1.0:
+        return jnp.zeros_like(x)
+    keep_prob = 1.0 - rate
+    keep = jax.random.bernoulli(key, keep_prob, (x.shape[0],) + (1,) * (x.ndim - 1))
+    return x * (keep.astype(x.dtype) / jnp.asarray(keep_prob, x.dtype))
+
+
+def drop_path_rates(depth: int, max_rate: float = DROP_PATH_RATE) -> list[float]:
+    """Per-block drop-path rates rising linearly from 0 (first block) to `max_rate` (last), as timm's
+    linspace(0, max_rate, depth)."""
+    if depth == 1:
+        return [0.0]
+    return [max_rate * i / (depth - 1) for i in range(depth)]
+
+
+def random_erasing(rng: np.random.Generator, image: np.ndarray, prob: float = ERASE_PROB, mode: str = "pixel",
+                   min_area: float = 0.02, max_area: float = 1 / 3, min_aspect: float = 0.3,
+                   max_attempts: int = 10) -> np.ndarray:
+    """timm RandomErasing (one box) on a normalised float image (H, W, C) -> a float32 copy.
+
+    With probability `prob`, up to `max_attempts` draws of area fraction U(min_area, max_area) and aspect h / w
+    log-uniform in [min_aspect, 1 / min_aspect], h = round(sqrt(area * aspect)), w = round(sqrt(area / aspect));
+    the first box strictly smaller than the image, placed uniformly, is filled with N(0, 1) noise per pixel
+    (mode 'pixel'), per channel ('rand') or zeros ('const').
+    """
+    if mode not in ("pixel", "rand", "const"):
+        raise ValueError(f"random_erasing mode must be 'pixel', 'rand' or 'const', got {mode!r}")
+    image = np.array(image, dtype=np.float32)
+    if rng.random() >= prob:
+        return image
+    height, width, channels = image.shape
+    log_aspect_range = (math.log(min_aspect), math.log(1 / min_aspect))
+    for _ in range(max_attempts):
+        target_area = rng.uniform(min_area, max_area) * height * width
+        aspect = math.exp(rng.uniform(*log_aspect_range))
+        box_height, box_width = round(math.sqrt(target_area * aspect)), round(math.sqrt(target_area / aspect))
+        if box_height < height and box_width < width:
+            top = rng.integers(0, height - box_height + 1)
+            left = rng.integers(0, width - box_width + 1)
+            if mode == "pixel":
+                fill = rng.standard_normal((box_height, box_width, channels), dtype=np.float32)
+            elif mode == "rand":
+                fill = rng.standard_normal((1, 1, channels), dtype=np.float32)
+            else:
+                fill = np.float32(0.0)
+            image[top:top + box_height, left:left + box_width] = fill
+            break
+    return image
