@@ -9,7 +9,7 @@ learning rate learns far faster per second than the 4-block 128-wide one; blr 0.
 blr 0.006 learns half as fast.
 """
 
-from siim_jax.config import base_config, lock
+from siim_jax.config import base_config, demo_model, lock
 
 
 def get_config():
@@ -22,18 +22,10 @@ def get_config():
     c.eval_every_steps = 250
     c.keep_checkpoints = 2
 
-    c.model.variant = "mu"
-    c.model.image_size = 64
-    c.model.decoder_width = 64
-    c.model.decoder_heads = 2
-    c.model.predictor_depth = 2
-    c.model.dtype = "float32"  # bfloat16 matmuls are slow on CPU
+    demo_model(c)
 
     c.optim.blr = 0.012  # lr 3e-3 at batch 64: small model, short run, far above the pod recipe
     c.ema.base_momentum = 0.99  # short run: a faster target than the pod's 0.995
-    c.data.num_train = 4096
-    c.data.raw_size = 96
-    c.data.num_masked = 38
     c.data.crop_min = 0.2
     c.knn.num_bank = 2048
     c.knn.num_query = 512

@@ -54,18 +54,15 @@ def time_steps(step, state, batches, count: int):
 
 def real_batches(config, plan):
     """Device batches from the real input pipeline (this process's rows), endless."""
-    from siim_jax.data.pipeline import TwoViewBatches
     from siim_jax.data.sources import open_source
+    from siim_jax.methods import get_method
     from siim_jax.parallel.sharding import local_rows
     from siim_jax.train.loop import device_prefetch
-    from siim_jax.config import VIT_VARIANTS
 
     rules = config.mesh.logical_axis_rules
     source = open_source(config.data, config.seed)
-    batches = TwoViewBatches(source, config.batch_size, config.model.image_size,
-                             VIT_VARIANTS[config.model.variant][3], config.data.num_masked, config.data.crop_min,
-                             config.seed, rows=local_rows(plan.mesh, rules, config.batch_size),
-                             num_threads=config.data.threads)
+    rows = local_rows(plan.mesh, rules, config.batch_size)
+    batches = get_method(config).make_batches(source, rows=rows, owned=None)
     return (batch for batch, _ in device_prefetch(batches.iterate(0), plan.mesh, rules, config.batch_size))
 
 

@@ -41,11 +41,14 @@ def base_config() -> ml_collections.ConfigDict:
     c.warmup_steps = -1  # >= 0: overrides warmup_epochs
     c.log_every_steps = 50
     c.checkpoint_every_steps = 1000
-    c.eval_every_steps = 5000  # k-NN monitor; 0 disables it
+    c.eval_every_steps = 5000  # how often the evaluators below run; 0 disables them
+    # evaluators the trainer runs (siim_jax/eval/evaluators.py): "knn" (k-NN monitor on encoder features),
+    # "validation" (top-1 / top-5 of a classifier on the validation split)
+    c.evals = ("knn",)
     c.keep_checkpoints = 3
 
     c.model = ml_collections.ConfigDict()
-    c.model.loss_type = "siamese"  # the method (siim_jax/methods): "siamese" or "mae"
+    c.model.loss_type = "siamese"  # the method (siim_jax/methods): siamese, mae, linear_probe or finetune
     c.model.variant = "B"  # key of VIT_VARIANTS
     c.model.image_size = 224
     c.model.decoder_width = 768
@@ -67,6 +70,33 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.mae_decoder_heads = 16
     c.model.norm_pix_loss = True
 
+    # the classifier of the linear probe / fine-tune methods (SPEC section 5); --pretrained gives its encoder
+    c.classifier = ml_collections.ConfigDict()
+    c.classifier.num_classes = 1000
+    c.classifier.encoder = "online"  # which pretrained encoder: online (as the official code) or target (EMA)
+    c.classifier.lars_momentum = 0.9  # linear probe: LARS
+    c.classifier.trust_coefficient = 0.001
+    c.classifier.layer_decay = 0.65  # fine-tune: lr scale 0.65^(depth + 1 - layer id)
+    c.classifier.drop_path = 0.1
+    c.classifier.mixup = 0.8  # Beta(alpha, alpha); 0 = off
+    c.classifier.cutmix = 1.0
+    c.classifier.mixup_switch_prob = 0.5  # per batch: cutmix with this probability, else mixup
+    c.classifier.label_smoothing = 0.1
+    c.classifier.randaugment_ops = 2  # RandAugment rand-m9-mstd0.5-inc1; 0 ops = off
+    c.classifier.randaugment_magnitude = 9.0
+    c.classifier.randaugment_magnitude_std = 0.5
+    c.classifier.erase_prob = 0.25  # random erasing, one box per image
+    c.classifier.eval_batch_size = 256
+
+    # the 1% few-shot protocol (MSN's): logistic regression on frozen class-token features
+    c.fewshot = ml_collections.ConfigDict()
+    c.fewshot.l2 = 0.1  # lambda; the penalty is lambda / n_train
+    c.fewshot.per_class = 0  # > 0: this many training images per class (seeded), instead of subset_file
+    c.fewshot.subset_file = ""  # ImageNet 1% list (one training file name per line)
+    c.fewshot.feature = "class_token"  # class_token (MSN's: last block, no norm) or mean_patch (mean patch token)
+    c.fewshot.max_iter = 1000
+    c.fewshot.batch_size = 256  # feature extraction
+
     c.loss = ml_collections.ConfigDict()
     c.loss.neg_weight = 0.02
 
@@ -86,6 +116,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.data.split = "train"  # imagefolder: the sub-folder of <root>; tfds: the split
     c.data.tfds_data_dir = ""  # tfds: where the dataset is prepared ("" = TFDS's default)
     c.data.num_train = 1281167  # builtin: how many images to generate (other sources: their length)
+    c.data.num_val = 500  # builtin: held-out labelled images of the validation split
     c.data.num_classes = 10  # builtin generator classes
     c.data.raw_size = 96  # builtin image side before cropping
     c.data.crop_min = 0.08
@@ -108,6 +139,65 @@ def base_config() -> ml_collections.ConfigDict:
     c.mesh.dcn_data = 1
     c.mesh.dcn_fsdp = 1
     c.mesh.logical_axis_rules = DEFAULT_LOGICAL_AXIS_RULES
+    return c
+
+
+def linear_probe_config(variant: str = "B") -> ml_collections.ConfigDict:
+    """The official linear probe (SPEC section 5): LARS, lr 0.1 x 16384 / 256, no weight decay, 90 epochs, 10
+    warmup, batch 16384, random-resized crop (0.08, 1) + flip; judged on the validation split."""
+    c = base_config()
+    c.model.loss_type = "linear_probe"
+    c.model.variant = variant
+    c.batch_size = 16384
+    c.epochs, c.warmup_epochs = 90, 10
+    c.optim.blr, c.optim.min_lr, c.optim.weight_decay, c.optim.clip_norm = 0.1, 0.0, 0.0, 0.0
+    c.data.crop_min = 0.08
+    c.evals = ("validation",)
+    c.eval_every_steps = 780  # 10 epochs of ImageNet at batch 16384
+    return c
+
+
+def finetune_config(variant: str = "B") -> ml_collections.ConfigDict:
+    """Official fine-tuning (SPEC section 5): AdamW (0.9, 0.999), blr 2.5e-4 at batch 1024, weight decay 0.05,
+    layer decay 0.65, drop path 0.1, 100 epochs, 5 warmup, min lr 1e-6, mixup 0.8 / cutmix 1.0, label smoothing
+    0.1, RandAugment m9-mstd0.5, no gradient clipping."""
+    c = base_config()
+    c.model.loss_type = "finetune"
+    c.model.variant = variant
+    c.batch_size = 1024
+    c.epochs, c.warmup_epochs = 100, 5
+    c.optim.blr, c.optim.min_lr, c.optim.weight_decay, c.optim.clip_norm = 2.5e-4, 1e-6, 0.05, 0.0
+    c.optim.b1, c.optim.b2 = 0.9, 0.999
+    c.data.crop_min = 0.08
+    c.evals = ("validation",)
+    c.eval_every_steps = 1251  # an epoch of ImageNet at batch 1024
+    return c
+
+
+def fewshot_config(variant: str = "B") -> ml_collections.ConfigDict:
+    """MSN's 1% few-shot protocol (SPEC section 5): class token of the last block, centred and L2-normalised,
+    logistic regression with penalty 0.1 / n_train on the ImageNet 1% subset (set fewshot.subset_file). The
+    encoder sits in the linear-probe model (its head is unused)."""
+    c = base_config()
+    c.model.loss_type = "linear_probe"
+    c.model.variant = variant
+    c.fewshot.l2 = 0.1
+    return c
+
+
+def demo_model(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """The demo's model and built-in data (configs/demo.py): a 2-block 64-wide ViT with 8x8 patches on 64x64
+    views of 96x96 grey-level images, float32 on CPU, 4096 training images of 10 classes."""
+    c.model.variant = "mu"
+    c.model.image_size = 64
+    c.model.decoder_width = 64
+    c.model.decoder_heads = 2
+    c.model.predictor_depth = 2
+    c.model.dtype = "float32"  # bfloat16 matmuls are slow on CPU
+    c.data.num_train = 4096
+    c.data.raw_size = 96
+    c.data.num_masked = 38
+    c.classifier.num_classes = c.data.num_classes
     return c
 
 

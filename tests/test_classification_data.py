@@ -220,7 +220,6 @@ def test_builtin_validation_split_is_held_out_and_labelled():
     assert len({validation.describe(k) for k in range(12)}) == 12
     # the same stream as the generator's images 30..41 (what the k-NN monitor's queries are)
     np.testing.assert_array_equal(validation.images, make_builtin_images(5, 12, 24, 10, offset=30)[0])
-    assert len(open_source(_data_config(num_train=30), 5, "validation")) == 500  # no num_val: the default
 
 
 def _image_folder(root, split: str, classes: dict):

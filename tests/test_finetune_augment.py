@@ -11,6 +11,7 @@ from scipy import stats
 
 from siim_jax.data import finetune_augment as F
 from siim_jax.data import randaugment as R
+from siim_jax.models import vit
 
 N, H, W, C, NUM_CLASSES, SMOOTHING = 4, 8, 6, 2, 5, 0.1
 LABELS = np.array([3, 0, 4, 1])
@@ -112,39 +113,38 @@ def test_soft_target_cross_entropy_against_numpy():
 
 def test_drop_path_keeps_whole_samples_at_rate_and_preserves_the_mean():
     rate, x = 0.25, jnp.ones((20000, 3, 2))
-    out = np.asarray(jax.jit(lambda key, x: F.drop_path(key, x, rate, deterministic=False))(jax.random.key(2), x))
+    out = np.asarray(jax.jit(lambda key, x: vit.drop_path(key, x, rate, deterministic=False))(jax.random.key(2), x))
     kept = out[:, 0, 0] != 0
     np.testing.assert_allclose(out[kept], 1 / (1 - rate), rtol=1e-6)  # whole samples, scaled by 1 / keep
     assert np.all(out[~kept] == 0)
     assert abs(kept.mean() - (1 - rate)) < 0.015
     assert abs(out.mean() - 1.0) < 0.02
-    assert F.drop_path(jax.random.key(2), x, rate, deterministic=True) is x
-    assert F.drop_path(jax.random.key(2), x, 0.0, deterministic=False) is x
+    assert vit.drop_path(jax.random.key(2), x, rate, deterministic=True) is x
+    assert vit.drop_path(jax.random.key(2), x, 0.0, deterministic=False) is x
 
 
 def test_drop_path_rates_linspace():
-    np.testing.assert_allclose(F.drop_path_rates(12, 0.1), np.linspace(0, 0.1, 12), rtol=1e-12, atol=1e-15)
-    assert F.drop_path_rates(1, 0.1) == [0.0]
-    assert all(isinstance(r, float) for r in F.drop_path_rates(12, 0.1))
+    np.testing.assert_allclose(vit.drop_path_rates(12, 0.1), np.linspace(0, 0.1, 12), rtol=1e-12, atol=1e-15)
+    assert vit.drop_path_rates(1, 0.1) == [0.0]
+    assert all(isinstance(r, float) for r in vit.drop_path_rates(12, 0.1))
 
 
-# ---------------------------------------------------------------- host: random erasing
+# ---------------------------------------------------------------- device: random erasing
 
 ERASE_SHAPE = (16, 20, 3)
 ERASE_VALUE = 7.0  # far outside N(0, 1): erased pixels are the ones that changed
 
 
-def _erased_boxes(rng, n, **kwargs):
-    """(hit flags (n,), [(box mask (H, W), filled values)] of the hits) of random_erasing on constant images."""
-    image = np.full(ERASE_SHAPE, ERASE_VALUE, np.float32)
+def _erased_boxes(seed, n, **kwargs):
+    """(hit flags (n,), [(box mask (H, W), filled values)] of the hits) of random_erasing on n constant images."""
+    images = np.full((n, *ERASE_SHAPE), ERASE_VALUE, np.float32)
+    out = np.asarray(jax.jit(lambda key, x: F.random_erasing(key, x, **kwargs))(jax.random.key(seed), images))
     hits, boxes = [], []
-    for _ in range(n):
-        out = F.random_erasing(rng, image, **kwargs)
-        changed = (out != ERASE_VALUE).any(-1)
+    for image in out:
+        changed = (image != ERASE_VALUE).any(-1)
         hits.append(changed.any())
         if changed.any():
-            boxes.append((changed, out[changed]))
-    assert np.all(image == ERASE_VALUE)  # the input is not modified
+            boxes.append((changed, image[changed]))
     return np.array(hits), boxes
 
 
@@ -156,7 +156,7 @@ def _box_sides(mask):
 
 
 def test_random_erasing_rate_box_and_noise():
-    hits, boxes = _erased_boxes(np.random.default_rng(0), 3000)
+    hits, boxes = _erased_boxes(0, 3000)
     assert abs(hits.mean() - F.ERASE_PROB) < 0.035  # 4 standard errors
     area = ERASE_SHAPE[0] * ERASE_SHAPE[1]
     for mask, _ in boxes:
@@ -192,7 +192,7 @@ def test_random_erasing_matches_timm_distribution():
         timm_hits.append(changed.any())
         if changed.any():
             timm_boxes.append(_box_geometry(changed))
-    hits, boxes = _erased_boxes(np.random.default_rng(1), 3000)
+    hits, boxes = _erased_boxes(1, 3000)
     assert abs(hits.mean() - np.mean(timm_hits)) < 0.05
     ours = np.array([_box_geometry(mask) for mask, _ in boxes])
     for name, ours_values, timm_values in zip(("area", "log aspect", "top", "left"), ours.T, np.array(timm_boxes).T):
@@ -200,10 +200,9 @@ def test_random_erasing_matches_timm_distribution():
 
 
 def test_random_erasing_fill_modes():
-    rng = np.random.default_rng(3)
-    _, const_boxes = _erased_boxes(rng, 40, prob=1.0, mode="const")
+    _, const_boxes = _erased_boxes(3, 40, prob=1.0, mode="const")
     assert len(const_boxes) == 40 and all(np.all(values == 0) for _, values in const_boxes)
-    _, rand_boxes = _erased_boxes(rng, 40, prob=1.0, mode="rand")
+    _, rand_boxes = _erased_boxes(4, 40, prob=1.0, mode="rand")
     for _, values in rand_boxes:  # one colour per box
         assert np.all(values == values[:1])
 

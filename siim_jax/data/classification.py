@@ -17,7 +17,7 @@ from collections.abc import Callable
 import numpy as np
 from PIL import Image
 
-from siim_jax.data.pipeline import _epoch_permutation, build_ahead, decode_with_replacements
+from siim_jax.data.pipeline import StepBatches, _epoch_permutation, decode_with_replacements
 from siim_jax.data.sources import BadImageError, load_rgb
 from siim_jax.data.views import eval_view, official_eval_short_side, sample_crop
 
@@ -39,7 +39,7 @@ def random_resized_crop_flip(rng: np.random.Generator, image: Image.Image, out_s
     return view
 
 
-class LabelledBatches:
+class LabelledBatches(StepBatches):
     """Labelled batches as a pure function of (seed, step, rows), over any labelled random-access source.
 
     train=True: step `step` of epoch e = step // steps_per_epoch takes a contiguous window of `global_batch`
@@ -141,23 +141,3 @@ class LabelledBatches:
             if self.owned[row]:
                 skipped += bad
         return skipped
-
-    def batch_and_skipped(self, step: int) -> tuple[dict, tuple[str, ...]]:
-        """(batch at `step`, descriptions of the examples replaced or left out in it), built in this thread."""
-        batch = self._empty_batch()
-        return batch, tuple(self._fill_rows(batch, step, self.indices_at(step), range(self.batch_size)))
-
-    def batch_at(self, step: int) -> dict:
-        """The batch of this process at `step` (see the module docstring for the layout)."""
-        return self.batch_and_skipped(step)[0]
-
-    def iterate(self, start_step: int = 0, batches_ahead: int = 2):
-        """Yields batch_and_skipped(start_step), batch_and_skipped(start_step + 1), ..., endlessly when training,
-        up to num_steps - 1 when evaluating; `num_threads` threads build the next `batches_ahead` batches."""
-
-        def start(step):
-            batch, indices = self._empty_batch(), self.indices_at(step)
-            return batch, lambda rows: self._fill_rows(batch, step, indices, rows)
-
-        return build_ahead(start, self.batch_size, self.num_threads, start_step, batches_ahead,
-                           end_step=self.num_steps)

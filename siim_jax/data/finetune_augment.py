@@ -1,18 +1,16 @@
-"""Fine-tuning regularisers (SPEC section 5): mixup/cutmix with label smoothing and stochastic depth on device,
-random erasing on the host (RandAugment is `siim_jax.data.randaugment`).
+"""Fine-tuning regularisers (SPEC section 5): mixup/cutmix with label smoothing and random erasing, on device
+(RandAugment, on the host, is `siim_jax.data.randaugment`; drop path `siim_jax.models.vit.drop_path`).
 
 Device functions are jit-able with static shapes and follow timm's conventions (`timm.data.Mixup(mode='batch')`,
-`timm.layers.drop_path`); the host function follows `timm.data.RandomErasing` on one normalised (H, W, C) image.
+); the host function follows `timm.data.RandomErasing` on one normalised (H, W, C) image.
 """
 
 import math
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 MIXUP_ALPHA, CUTMIX_ALPHA, SWITCH_PROB, LABEL_SMOOTHING = 0.8, 1.0, 0.5, 0.1
-DROP_PATH_RATE = 0.1
 ERASE_PROB = 0.25
 
 
@@ -76,56 +74,41 @@ def soft_target_cross_entropy(logits: jax.Array, targets: jax.Array) -> jax.Arra
     return jnp.mean(-jnp.sum(targets.astype(jnp.float32) * log_probs, axis=-1))
 
 
-def drop_path(key: jax.Array, x: jax.Array, rate: float, deterministic: bool) -> jax.Array:
-    """Stochastic depth on a residual branch x (N, ...): each sample is zeroed with probability `rate` (a static
-    float), the kept ones scaled by 1 / (1 - rate); identity when `deterministic` or rate == 0."""
-    if deterministic or rate == 0.0:
-        return x
-    if rate >= 1.0:
-        return jnp.zeros_like(x)
-    keep_prob = 1.0 - rate
-    keep = jax.random.bernoulli(key, keep_prob, (x.shape[0],) + (1,) * (x.ndim - 1))
-    return x * (keep.astype(x.dtype) / jnp.asarray(keep_prob, x.dtype))
-
-
-def drop_path_rates(depth: int, max_rate: float = DROP_PATH_RATE) -> list[float]:
-    """Per-block drop-path rates rising linearly from 0 (first block) to `max_rate` (last), as timm's
-    linspace(0, max_rate, depth)."""
-    if depth == 1:
-        return [0.0]
-    return [max_rate * i / (depth - 1) for i in range(depth)]
-
-
-def random_erasing(rng: np.random.Generator, image: np.ndarray, prob: float = ERASE_PROB, mode: str = "pixel",
+def random_erasing(key: jax.Array, images: jax.Array, prob: float = ERASE_PROB, mode: str = "pixel",
                    min_area: float = 0.02, max_area: float = 1 / 3, min_aspect: float = 0.3,
-                   max_attempts: int = 10) -> np.ndarray:
-    """timm RandomErasing (one box) on a normalised float image (H, W, C) -> a float32 copy.
+                   max_attempts: int = 10) -> jax.Array:
+    """timm RandomErasing (one box per image) on normalised images (N, H, W, C), on device (jit-able).
 
-    With probability `prob`, up to `max_attempts` draws of area fraction U(min_area, max_area) and aspect h / w
-    log-uniform in [min_aspect, 1 / min_aspect], h = round(sqrt(area * aspect)), w = round(sqrt(area / aspect));
-    the first box strictly smaller than the image, placed uniformly, is filled with N(0, 1) noise per pixel
-    (mode 'pixel'), per channel ('rand') or zeros ('const').
+    Each image, with probability `prob`: of `max_attempts` draws of area fraction U(min_area, max_area) and aspect
+    h / w log-uniform in [min_aspect, 1 / min_aspect], h = round(sqrt(area * aspect)), w = round(sqrt(area /
+    aspect)), the first box strictly smaller than the image is placed uniformly and filled with N(0, 1) noise
+    per pixel (mode 'pixel'), per channel ('rand') or zeros ('const'); no box fits: the image is kept.
     """
     if mode not in ("pixel", "rand", "const"):
         raise ValueError(f"random_erasing mode must be 'pixel', 'rand' or 'const', got {mode!r}")
-    image = np.array(image, dtype=np.float32)
-    if rng.random() >= prob:
-        return image
-    height, width, channels = image.shape
-    log_aspect_range = (math.log(min_aspect), math.log(1 / min_aspect))
-    for _ in range(max_attempts):
-        target_area = rng.uniform(min_area, max_area) * height * width
-        aspect = math.exp(rng.uniform(*log_aspect_range))
-        box_height, box_width = round(math.sqrt(target_area * aspect)), round(math.sqrt(target_area / aspect))
-        if box_height < height and box_width < width:
-            top = rng.integers(0, height - box_height + 1)
-            left = rng.integers(0, width - box_width + 1)
-            if mode == "pixel":
-                fill = rng.standard_normal((box_height, box_width, channels), dtype=np.float32)
-            elif mode == "rand":
-                fill = rng.standard_normal((1, 1, channels), dtype=np.float32)
-            else:
-                fill = np.float32(0.0)
-            image[top:top + box_height, left:left + box_width] = fill
-            break
-    return image
+    _, height, width, channels = images.shape
+
+    def erase(key, image):
+        hit_key, area_key, aspect_key, top_key, left_key, fill_key = jax.random.split(key, 6)
+        area = jax.random.uniform(area_key, (max_attempts,), minval=min_area, maxval=max_area) * height * width
+        aspect = jnp.exp(jax.random.uniform(aspect_key, (max_attempts,), minval=math.log(min_aspect),
+                                            maxval=math.log(1 / min_aspect)))
+        box_h = jnp.round(jnp.sqrt(area * aspect)).astype(jnp.int32)
+        box_w = jnp.round(jnp.sqrt(area / aspect)).astype(jnp.int32)
+        fits = (box_h < height) & (box_w < width)
+        first = jnp.argmax(fits)  # the first attempt that fits
+        box_h, box_w = box_h[first], box_w[first]
+        top = jnp.floor(jax.random.uniform(top_key) * (height - box_h + 1)).astype(jnp.int32)
+        left = jnp.floor(jax.random.uniform(left_key) * (width - box_w + 1)).astype(jnp.int32)
+        rows, cols = jnp.arange(height)[:, None], jnp.arange(width)[None, :]
+        box = ((rows >= top) & (rows < top + box_h) & (cols >= left) & (cols < left + box_w)
+               & fits.any() & (jax.random.uniform(hit_key) < prob))
+        if mode == "pixel":
+            fill = jax.random.normal(fill_key, image.shape)
+        elif mode == "rand":
+            fill = jnp.broadcast_to(jax.random.normal(fill_key, (1, 1, channels)), image.shape)
+        else:
+            fill = jnp.zeros(image.shape)
+        return jnp.where(box[..., None], fill.astype(image.dtype), image)
+
+    return jax.vmap(erase)(jax.random.split(key, images.shape[0]), images)

@@ -92,7 +92,39 @@ def _epoch_permutation(seed: int, epoch: int, n: int) -> np.ndarray:
     return permutation
 
 
-class TwoViewBatches:
+class StepBatches:
+    """What a per-step batch stream shares: subclasses give `_empty_batch()`, `_fill_rows(batch, step, indices,
+    rows) -> skipped descriptions`, `indices_at(step)`, and `batch_size`, `num_threads`, `num_steps` (None:
+    endless)."""
+
+    num_steps = None
+
+    def batch_and_skipped(self, step: int) -> tuple[dict, tuple[str, ...]]:
+        """(batch_at(step), descriptions of the examples replaced or left out in it), built in this thread."""
+        batch = self._empty_batch()
+        return batch, tuple(self._fill_rows(batch, step, self.indices_at(step), range(self.batch_size)))
+
+    def batch_at(self, step: int) -> dict:
+        """The batch of this process at `step` (see the module docstring for the layout)."""
+        return self.batch_and_skipped(step)[0]
+
+    def iterate(self, start_step: int = 0, batches_ahead: int = 2):
+        """Yields batch_and_skipped(start_step), batch_and_skipped(start_step + 1), ... (up to num_steps - 1).
+
+        The next `batches_ahead` batches are built concurrently by `num_threads` threads (PIL decodes and
+        resizes without the GIL), each batch split into 2 * num_threads chunks of rows, so host memory holds
+        about batches_ahead + 1 batches whatever the thread count.
+        """
+
+        def start(step):
+            batch, indices = self._empty_batch(), self.indices_at(step)
+            return batch, lambda rows: self._fill_rows(batch, step, indices, rows)
+
+        return build_ahead(start, self.batch_size, self.num_threads, start_step, batches_ahead,
+                           end_step=self.num_steps)
+
+
+class TwoViewBatches(StepBatches):
     """Batches as a pure function of (seed, step, rows), over any random-access source.
 
     Step `step` of epoch e = step // steps_per_epoch takes a contiguous window of `global_batch` examples of the
@@ -144,10 +176,6 @@ class TwoViewBatches:
         result, skipped = decode_with_replacements(self.source, self.seed, step, position, index, views_and_mask)
         return (*result, skipped)
 
-    def batch_at(self, step: int) -> dict:
-        """The batch of this process at `step` (see the module docstring for the layout)."""
-        return self.batch_and_skipped(step)[0]
-
     def _empty_batch(self) -> dict:
         size = (self.batch_size, self.out_size, self.out_size, 3)
         return {"view1": np.empty(size, np.uint8), "view2": np.empty(size, np.uint8),
@@ -165,22 +193,3 @@ class TwoViewBatches:
             if self.owned[row]:
                 skipped += bad
         return skipped
-
-    def batch_and_skipped(self, step: int) -> tuple[dict, tuple[str, ...]]:
-        """(batch_at(step), descriptions of the examples replaced in it), built in this thread."""
-        batch = self._empty_batch()
-        return batch, tuple(self._fill_rows(batch, step, self.indices_at(step), range(self.batch_size)))
-
-    def iterate(self, start_step: int = 0, batches_ahead: int = 2):
-        """Yields batch_and_skipped(start_step), batch_and_skipped(start_step + 1), ...
-
-        The next `batches_ahead` batches are built concurrently by `num_threads` threads (PIL decodes and
-        resizes without the GIL), each batch split into 2 * num_threads chunks of rows, so host memory holds
-        about batches_ahead + 1 batches whatever the thread count.
-        """
-
-        def start(step):
-            batch, indices = self._empty_batch(), self.indices_at(step)
-            return batch, lambda rows: self._fill_rows(batch, step, indices, rows)
-
-        return build_ahead(start, self.batch_size, self.num_threads, start_step, batches_ahead)

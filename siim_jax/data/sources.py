@@ -117,6 +117,26 @@ class ArraySource:
         return f"{self.name}[{index}]"
 
 
+class SubsetSource:
+    """The examples `indices` (int (M,)) of another source, in that order."""
+
+    def __init__(self, source, indices):
+        self.source, self.indices = source, np.asarray(indices, np.int64)
+        self.num_classes = getattr(source, "num_classes", None)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def read(self, index: int):
+        return self.source.read(int(self.indices[index]))
+
+    def label(self, index: int) -> int | None:
+        return self.source.label(int(self.indices[index]))
+
+    def describe(self, index: int) -> str:
+        return self.source.describe(int(self.indices[index]))
+
+
 def _list_directory(directory: str) -> list:
     """os.scandir entries of `directory`; SourceError (naming it and the fix) if it cannot be listed."""
     try:
@@ -204,14 +224,11 @@ class ImageFolderSource:
 SPLITS = ("train", "validation")
 IMAGEFOLDER_VALIDATION = "val"  # the official code's <root>/val
 TFDS_VALIDATION = "validation"  # ImageNet's name in TFDS
-DEFAULT_NUM_VAL = 500  # builtin: held-out images when config.data has no num_val
-
-
 def open_source(data_config, seed: int, split: str = "train"):
     """The source named by `data_config.source` (see the module docstring), its training or validation split.
 
     split="train": the training data (`config.data.split` of an image folder or TFDS dataset). split="validation":
-    held-out labelled images, never training ones: builtin -> `data.num_val` (default 500) images freshly generated
+    held-out labelled images, never training ones: builtin -> `data.num_val` images freshly generated
     after the training ones (make_builtin_images offset=num_train, as the k-NN monitor's queries);
     `imagefolder:<root>` -> `<root>/val/`, labelled with the class indices of `<root>/<config.data.split>/`;
     `tfds:<name>` -> its split "validation". Raises SourceError (one line) when there is no such split.
@@ -226,7 +243,7 @@ def open_source(data_config, seed: int, split: str = "train"):
             images, labels = make_builtin_images(seed, data_config.num_train, data_config.raw_size,
                                                  data_config.num_classes)
             return ArraySource(images, labels, "builtin", num_classes=data_config.num_classes)
-        num_val = data_config.get("num_val", DEFAULT_NUM_VAL)
+        num_val = data_config.num_val
         log.info("generating %d held-out built-in images", num_val)
         images, labels = make_builtin_images(seed, num_val, data_config.raw_size, data_config.num_classes,
                                              offset=data_config.num_train)

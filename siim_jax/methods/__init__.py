@@ -4,9 +4,11 @@ checkpoint, export and evaluation ask about the model, its parameters, its loss 
 import ml_collections
 
 from siim_jax.methods.base import Method
+from siim_jax.methods.classification import FinetuneMethod, LinearProbeMethod
 from siim_jax.methods.pretraining import MAEMethod, SiameseMethod
 
-METHODS: dict[str, type[Method]] = {m.name: m for m in (SiameseMethod, MAEMethod)}
+METHODS: dict[str, type[Method]] = {m.name: m for m in (SiameseMethod, MAEMethod, LinearProbeMethod,
+                                                        FinetuneMethod)}
 
 
 def get_method(config: ml_collections.ConfigDict) -> Method:

@@ -81,6 +81,12 @@ class Method:
         """{name: (shape, dtype)} of one global train batch of `batch_size` rows."""
         raise NotImplementedError
 
+    def make_batches(self, source, rows: np.ndarray, owned: np.ndarray):
+        """The host batch stream of this process: `.iterate(start_step)` yields (batch of the global rows `rows`,
+        descriptions of the skipped undecodable examples among the `owned` rows); a pure function of (seed,
+        step)."""
+        raise NotImplementedError
+
     def synthetic_batch(self, batch_size: int, rng: np.random.Generator) -> dict:
         """A valid random host train batch {name: array} of batch_spec's shapes (for benchmarks)."""
         raise NotImplementedError

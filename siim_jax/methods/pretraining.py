@@ -10,6 +10,7 @@ import numpy as np
 from flax import nnx
 
 from siim_jax.config import VIT_VARIANTS
+from siim_jax.data.pipeline import TwoViewBatches
 from siim_jax.data.photometric import augment_view1, augment_view2, normalize
 from siim_jax.losses import unigrad_loss
 from siim_jax.methods.base import Method, frozen_patch_embed_labels, pretraining_optimizer
@@ -24,6 +25,12 @@ class PretrainingMethod(Method):
         cells = (s // VIT_VARIANTS[self.config.model.variant][3]) ** 2
         return {"view1": ((batch_size, s, s, 3), jnp.uint8), "view2": ((batch_size, s, s, 3), jnp.uint8),
                 "geometry": ((batch_size, 6), jnp.float32), "mask": ((batch_size, cells), jnp.bool_)}
+
+    def make_batches(self, source, rows, owned):
+        c = self.config
+        patch = VIT_VARIANTS[c.model.variant][3]
+        return TwoViewBatches(source, c.batch_size, c.model.image_size, patch, c.data.num_masked, c.data.crop_min,
+                              c.seed, rows=rows, owned=owned, num_threads=c.data.threads)
 
     def synthetic_batch(self, batch_size, rng):
         """Random views, two equal crops (geometry [di, dj, dh, dw, rflip, dj_flip] = identity), exact masks."""

@@ -46,15 +46,17 @@ class BatchNorm(nnx.Module):
     export faithfully; pretraining never reads them.
     """
 
-    def __init__(self, features: int, *, momentum: float = 0.9, eps: float = 1e-5):
+    def __init__(self, features: int, *, momentum: float = 0.9, eps: float = 1e-5, affine: bool = True):
         self.momentum, self.eps = momentum, eps
-        self.scale = nnx.Param(jnp.ones((features,)), logical_axes=(None,))
-        self.bias = nnx.Param(jnp.zeros((features,)), logical_axes=(None,))
+        self.scale = nnx.Param(jnp.ones((features,)), logical_axes=(None,)) if affine else None
+        self.bias = nnx.Param(jnp.zeros((features,)), logical_axes=(None,)) if affine else None
         self.mean = nnx.BatchStat(jnp.zeros((features,)), logical_axes=(None,))
         self.var = nnx.BatchStat(jnp.ones((features,)), logical_axes=(None,))
 
-    def __call__(self, x):
+    def __call__(self, x, use_running_average: bool = False):
         x = x.astype(jnp.float32)
+        if use_running_average:  # evaluation: the running statistics, nothing updated
+            return self._affine((x - self.mean[...]) * jax.lax.rsqrt(self.var[...] + self.eps))
         axes = tuple(range(x.ndim - 1))
         mean = jnp.mean(x, axes)
         var = jnp.mean(jnp.square(x - mean), axes)
@@ -63,7 +65,10 @@ class BatchNorm(nnx.Module):
         self.mean[...] = m * self.mean[...] + (1 - m) * jax.lax.stop_gradient(mean)
         unbiased = jax.lax.stop_gradient(var) * count / max(count - 1, 1)
         self.var[...] = m * self.var[...] + (1 - m) * unbiased
-        return (x - mean) * jax.lax.rsqrt(var + self.eps) * self.scale[...] + self.bias[...]
+        return self._affine((x - mean) * jax.lax.rsqrt(var + self.eps))
+
+    def _affine(self, x):
+        return x * self.scale[...] + self.bias[...] if self.scale is not None else x
 
 
 class Attention(nnx.Module):
@@ -102,12 +107,34 @@ class Mlp(nnx.Module):
         return self.fc2(jax.nn.gelu(self.fc1(x), approximate=False))  # exact (erf) GELU
 
 
+def drop_path(key: jax.Array, x: jax.Array, rate: float, deterministic: bool) -> jax.Array:
+    """Stochastic depth on a residual branch x (N, ...): each sample is zeroed with probability `rate` (a static
+    float), the kept ones scaled by 1 / (1 - rate); identity when `deterministic` or rate == 0."""
+    if deterministic or rate == 0.0:
+        return x
+    if rate >= 1.0:
+        return jnp.zeros_like(x)
+    keep_prob = 1.0 - rate
+    keep = jax.random.bernoulli(key, keep_prob, (x.shape[0],) + (1,) * (x.ndim - 1))
+    return x * (keep.astype(x.dtype) / jnp.asarray(keep_prob, x.dtype))
+
+
+def drop_path_rates(depth: int, max_rate: float) -> list[float]:
+    """Per-block drop-path rates rising linearly from 0 (first block) to `max_rate` (last), as timm's
+    linspace(0, max_rate, depth)."""
+    if depth == 1:
+        return [0.0]
+    return [max_rate * i / (depth - 1) for i in range(depth)]
+
+
 class Block(nnx.Module):
-    """Pre-norm transformer block: x += Attn(Norm(x)); x += MLP(Norm(x)); optional layer scale."""
+    """Pre-norm transformer block: x += DropPath(Attn(Norm(x))); x += DropPath(MLP(Norm(x))); optional layer
+    scale. Drop path (stochastic depth, fine-tuning) only when called with a key."""
 
     def __init__(self, width: int, heads: int, mlp_ratio: float, *, norm: Literal["ln", "bn"] = "ln",
-                 init_values: float = 0.0, remat: str = "none", dtype, rngs: nnx.Rngs):
-        self.remat = remat
+                 init_values: float = 0.0, drop_path_rate: float = 0.0, remat: str = "none", dtype,
+                 rngs: nnx.Rngs):
+        self.remat, self.drop_path_rate = remat, drop_path_rate
         make_norm = (lambda: layer_norm(width, rngs=rngs)) if norm == "ln" else (lambda: BatchNorm(width))
         self.norm1 = make_norm()
         self.attn = Attention(width, heads, dtype=dtype, rngs=rngs)
@@ -119,17 +146,23 @@ class Block(nnx.Module):
         else:
             self.ls1 = self.ls2 = None
 
-    def __call__(self, x):  # (N, T, D) float32 -> (N, T, D) float32
+    def __call__(self, x, key=None):  # (N, T, D) float32 -> (N, T, D) float32; key: drop path
         if self.remat == "none":
-            return self.forward(x)
-        return nnx.remat(type(self).forward, policy=REMAT_POLICIES[self.remat])(self, x)
+            return self.forward(x, key)
+        return nnx.remat(type(self).forward, policy=REMAT_POLICIES[self.remat])(self, x, key)
 
-    def forward(self, x):
+    def forward(self, x, key=None):
+        keys = (None, None) if key is None else jax.random.split(key)
         x = constrain(x.astype(jnp.float32), TOKENS)
         y = self.attn(self.norm1(x)).astype(jnp.float32)
-        x = constrain(x + (y * self.ls1[...] if self.ls1 is not None else y), TOKENS)
+        y = self._drop_path(keys[0], y * self.ls1[...] if self.ls1 is not None else y)
+        x = constrain(x + y, TOKENS)
         y = self.mlp(self.norm2(x)).astype(jnp.float32)
-        return constrain(x + (y * self.ls2[...] if self.ls2 is not None else y), TOKENS)
+        y = self._drop_path(keys[1], y * self.ls2[...] if self.ls2 is not None else y)
+        return constrain(x + y, TOKENS)
+
+    def _drop_path(self, key, y):
+        return drop_path(key, y, self.drop_path_rate, deterministic=key is None)
 
 
 class PatchEmbed(nnx.Module):
@@ -157,30 +190,37 @@ class VisionTransformer(nnx.Module):
     """
 
     def __init__(self, *, width: int, depth: int, heads: int, patch: int, image_size: int, mlp_ratio: float = 4.0,
-                 init_values: float = 0.0, final_norm: bool = False, remat: str = "none", dtype=jnp.float32,
-                 rngs: nnx.Rngs):
+                 init_values: float = 0.0, final_norm: bool = False, drop_path_rate: float = 0.0,
+                 remat: str = "none", dtype=jnp.float32, rngs: nnx.Rngs):
         self.grid = image_size // patch
         self.width = width
         self.patch_embed = PatchEmbed(patch, width, dtype=dtype, rngs=rngs)
         self.cls_token = nnx.Param(token_init(rngs.params(), (1, 1, width)), logical_axes=(None, None, "embed"))
         self.pos_embed = nnx.Param(jnp.asarray(sincos_2d(width, self.grid, class_token=True))[None],
                                    logical_axes=(None, None, "embed"))
-        self.blocks = nnx.List([Block(width, heads, mlp_ratio, init_values=init_values, remat=remat, dtype=dtype,
-                                      rngs=rngs) for _ in range(depth)])
+        self.blocks = nnx.List([Block(width, heads, mlp_ratio, init_values=init_values, drop_path_rate=rate,
+                                      remat=remat, dtype=dtype, rngs=rngs)
+                                for rate in drop_path_rates(depth, drop_path_rate)])
         self.norm = layer_norm(width, rngs=rngs) if final_norm else None
 
     def patch_tokens(self, images):
         """images (N, S, S, 3) -> patch tokens with positions (N, grid^2, D)."""
         return self.patch_embed(images) + self.pos_embed[...][:, 1:]
 
-    def __call__(self, tokens):
-        """tokens (N, T, D) (any subset of patch tokens, positions added) -> (N, 1 + T, D), class token first."""
+    def __call__(self, tokens, key=None, final_norm: bool = True):
+        """tokens (N, T, D) (any subset of patch tokens, positions added) -> (N, 1 + T, D), class token first.
+        key: drop path in every block (fine-tuning); final_norm=False skips the final norm, if any."""
         cls = jnp.broadcast_to(self.cls_token[...] + self.pos_embed[...][:, :1], (tokens.shape[0], 1, self.width))
         x = jnp.concatenate([cls, tokens], axis=1)
-        for block in self.blocks:
-            x = block(x)
-        return self.norm(x) if self.norm is not None else x
+        for i, block in enumerate(self.blocks):
+            x = block(x, None if key is None else jax.random.fold_in(key, i))
+        return self.norm(x) if self.norm is not None and final_norm else x
 
-    def features(self, images):
-        """Mean of the patch tokens of full images: (N, S, S, 3) -> (N, D), the linear-probe / k-NN feature."""
-        return jnp.mean(self(self.patch_tokens(images))[:, 1:], axis=1)
+    def features(self, images, key=None):
+        """Mean of the patch tokens of full images: (N, S, S, 3) -> (N, D), the linear-probe / fine-tune / k-NN
+        feature (timm global_pool='avg')."""
+        return jnp.mean(self(self.patch_tokens(images), key)[:, 1:], axis=1)
+
+    def class_token(self, images):
+        """The class token of the last block, no norm: (N, S, S, 3) -> (N, D), the few-shot feature (MSN)."""
+        return self(self.patch_tokens(images), final_norm=False)[:, 0]

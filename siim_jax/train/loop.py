@@ -1,7 +1,8 @@
-"""train_and_evaluate(config, workdir): the pretraining loop with checkpoints, resume, monitoring and k-NN.
+"""train_and_evaluate(config, workdir): the training loop of every method (pretraining, linear probe,
+fine-tune) with checkpoints, resume, monitoring and the evaluators of config.evals.
 
-Data flows one way: source -> host decode and crops (TwoViewBatches, a thread pool) -> global device batches
-(prefetched) -> jitted step (photometric augmentation on device) -> metrics and checkpoints. The batch stream is
+Data flows one way: source -> host decode and crops (the method's batches, a thread pool) -> global device
+batches (prefetched) -> jitted step (augmentation on device) -> metrics, evaluators and checkpoints. The batch stream is
 a pure function of (seed, step), so a resumed run sees exactly the batches an uninterrupted run would have seen
 (siim_jax/data/pipeline.py says what exactly is guaranteed).
 """
@@ -16,27 +17,20 @@ import threading
 import time
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import tqdm
-from flax import nnx
 
 from siim_jax import config as config_lib
-from siim_jax.data.builtin import make_builtin_images
-from siim_jax.data.photometric import normalize
-from siim_jax.data.pipeline import TwoViewBatches
-from siim_jax.data.sources import ArraySource, BadImageError, load_rgb, open_source
-from siim_jax.data.views import eval_view
-from siim_jax.eval.knn import knn_top1
+from siim_jax.data.sources import open_source
+from siim_jax.eval.evaluators import build_evaluators
 from siim_jax.methods import get_method
 from siim_jax.parallel.distributed import StopVote, sum_over_processes
-from siim_jax.parallel.sharding import (batch_sharding, batch_shards, create_mesh, global_batch, local_rows,
-                                        owned_rows_mask, replicated)
+from siim_jax.parallel.sharding import batch_shards, create_mesh, global_batch, local_rows, owned_rows_mask
 from siim_jax.train.checkpoint import Checkpointer
 from siim_jax.train.schedules import ema_momentum_fn, learning_rate_fn, training_length
 from siim_jax.train.state import abstract_train_state, init_train_state
-from siim_jax.train.step import jit_in_mesh, jit_train_step
+from siim_jax.train.step import jit_train_step
 from siim_jax.train.workdir_lock import WorkdirLock
 
 log = logging.getLogger(__name__)
@@ -111,70 +105,6 @@ class StopRequest:
             signal.signal(s, handler)
 
 
-def make_feature_fn(config, graphdef, mesh, shardings):
-    """Jitted (state params, ema, stats, uint8 images (N, H, W, 3)) -> encoder features (N, D) float32."""
-    size = config.model.image_size
-    method = get_method(config)
-
-    def features(params, ema_params, batch_stats, images):
-        model = nnx.merge(graphdef, method.merge_params(params, ema_params), batch_stats)
-        encoder = method.encoder(model)
-        images = normalize(images)
-        if images.shape[1] != size:
-            images = jax.image.resize(images, (images.shape[0], size, size, 3), "bicubic")
-        return encoder.features(images).astype(jnp.float32)
-
-    rules = config.mesh.logical_axis_rules
-    return jit_in_mesh(features, mesh, rules, out_shardings=replicated(mesh),
-                       in_shardings=(shardings.params, shardings.ema_params, shardings.batch_stats,
-                                     batch_sharding(mesh, rules, 4)))
-
-
-def extract_features(feature_fn, state, images: np.ndarray, batch: int, mesh, rules) -> np.ndarray:
-    """Features (N, D) of host images (N, H, W, 3), the same on every process; each process feeds the rows of
-    every (padded) batch that its devices hold."""
-    shards = batch_shards(mesh, rules)
-    batch = math.ceil(batch / shards) * shards
-    rows = local_rows(mesh, rules, batch)
-    out = []
-    for start in range(0, len(images), batch):
-        chunk = images[start:start + batch]
-        padded = np.concatenate([chunk, np.zeros((batch - len(chunk),) + chunk.shape[1:], chunk.dtype)])
-        inputs = global_batch({"images": padded[rows]}, mesh, rules, batch)["images"]
-        out.append(np.asarray(feature_fn(state.params, state.ema_params, state.batch_stats, inputs))[:len(chunk)])
-    return np.concatenate(out)
-
-
-def knn_sets(config: ml_collections.ConfigDict, source):
-    """(bank images, bank labels, query images, query labels) for the k-NN monitor, or None without labels.
-
-    Built-in source: the first knn.num_bank training images, and knn.num_query freshly generated held-out images.
-    Other sources: two disjoint random subsets of the (labelled) training source, each image resized (shorter
-    side to image_size * 256/224, bicubic) and centre-cropped to image_size, as the official evaluations do;
-    undecodable images are left out.
-    """
-    if isinstance(source, ArraySource) and source.name == "builtin":
-        bank_n = min(config.knn.num_bank, len(source))
-        queries, query_labels = make_builtin_images(config.seed, config.knn.num_query, config.data.raw_size,
-                                                    config.data.num_classes, offset=len(source))
-        return source.images[:bank_n], source.labels[:bank_n], queries, query_labels
-    if source.label(0) is None:
-        log.warning("k-NN monitor off: %s has no labels", config.data.source)
-        return None
-    total = min(config.knn.num_bank + config.knn.num_query, len(source))
-    chosen = np.random.default_rng([config.seed, 1]).choice(len(source), total, replace=False)
-    images, labels = [], []
-    for index in tqdm.tqdm(chosen, desc="k-NN images", disable=jax.process_index() != 0, mininterval=2.0):
-        try:
-            images.append(eval_view(load_rgb(source.read(int(index))), config.model.image_size))
-            labels.append(source.label(int(index)))
-        except BadImageError as e:
-            log.warning("k-NN monitor: skipping %s: %s", source.describe(int(index)), e)
-    images, labels = np.stack(images), np.asarray(labels, np.int32)
-    bank_n = len(images) * config.knn.num_bank // total
-    return images[:bank_n], labels[:bank_n], images[bank_n:], labels[bank_n:]
-
-
 def device_prefetch(host_batches, mesh, rules, global_rows: int, size: int = 2):
     """(host rows of a batch, skipped) pairs -> (global device batch of `global_rows` rows, skipped), with the
     next `size` batches already on their way to the devices while the current step runs."""
@@ -187,11 +117,14 @@ def device_prefetch(host_batches, mesh, rules, global_rows: int, size: int = 2):
         yield queue.popleft()
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, stop_at_step: int | None = None) -> dict:
-    """Pretrains per `config` in `workdir`, resuming from its newest checkpoint. Returns a summary dict.
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, stop_at_step: int | None = None,
+                       initial_weights=None) -> dict:
+    """Trains the method of `config` (pretraining, linear probe, fine-tune) in `workdir`, resuming from its newest
+    checkpoint. Returns a summary dict.
 
     stop_at_step: behave as if interrupted once that many steps are done (save, return), for resumable jobs
-    with a step budget per allocation.
+    with a step budget per allocation. initial_weights: fresh TrainState -> TrainState, applied when the run
+    starts from step 0 (a resume restores the checkpoint instead), e.g. to put a pretrained encoder in.
     """
     config_lib.validate(config)
     if "://" in workdir:
@@ -200,10 +133,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, stop_at_
             "a file system every process sees (local disk for one host; NFS, Lustre or a gcsfuse mount for many)")
     os.makedirs(workdir, exist_ok=True)
     with WorkdirLock(workdir, enabled=jax.process_index() == 0):
-        return _train_in_locked_workdir(config, workdir, stop_at_step)
+        return _train_in_locked_workdir(config, workdir, stop_at_step, initial_weights)
 
 
-def _train_in_locked_workdir(config, workdir: str, stop_at_step: int | None) -> dict:
+def _train_in_locked_workdir(config, workdir: str, stop_at_step: int | None, initial_weights) -> dict:
     if jax.process_index() == 0:
         with open(os.path.join(workdir, "config.json"), "w") as f:
             f.write(config.to_json_best_effort(indent=2))
@@ -215,8 +148,7 @@ def _train_in_locked_workdir(config, workdir: str, stop_at_step: int | None) -> 
         raise config_lib.ConfigError(
             f"config.batch_size={config.batch_size} must be divisible by the {data_shards} data shards times "
             f"config.grad_accum_steps={config.grad_accum_steps}")
-    patch = config_lib.VIT_VARIANTS[config.model.variant][3]
-
+    method = get_method(config)
     source = open_source(config.data, config.seed)
     if len(source) < config.batch_size:
         raise config_lib.ConfigError(
@@ -224,9 +156,8 @@ def _train_in_locked_workdir(config, workdir: str, stop_at_step: int | None) -> 
             f"config.data.source={config.data.source!r}; valid range: 1..{len(source)}")
     # each process builds exactly the rows of the global batch its devices hold (shared rows: built by every
     # holder, counted by the lowest-index one)
-    batches = TwoViewBatches(source, config.batch_size, config.model.image_size, patch, config.data.num_masked,
-                             config.data.crop_min, config.seed, rows=local_rows(mesh, rules, config.batch_size),
-                             owned=owned_rows_mask(mesh, rules, config.batch_size), num_threads=config.data.threads)
+    batches = method.make_batches(source, rows=local_rows(mesh, rules, config.batch_size),
+                                  owned=owned_rows_mask(mesh, rules, config.batch_size))
 
     length = training_length(config, len(source))
     lr_fn, momentum_fn = learning_rate_fn(config, length), ema_momentum_fn(config, length)
@@ -236,6 +167,8 @@ def _train_in_locked_workdir(config, workdir: str, stop_at_step: int | None) -> 
     if restored is None:
         resume_step, counters = None, {}
         _, _, state, _ = init_train_state(config, mesh, lr_fn)
+        if initial_weights is not None:
+            state = initial_weights(state)
     else:
         resume_step, state, counters = restored
         log.info("resumed from %s", checkpoints.path(resume_step))
@@ -247,29 +180,16 @@ def _train_in_locked_workdir(config, workdir: str, stop_at_step: int | None) -> 
 
     train_step = jit_train_step(config, graphdef, tx, lr_fn, momentum_fn, mesh, shardings)
 
-    knn_enabled = config.eval_every_steps > 0
-    if knn_enabled:
-        sets = knn_sets(config, source)
-        knn_enabled = sets is not None
-    if knn_enabled:
-        feature_fn = make_feature_fn(config, graphdef, mesh, shardings)
-        bank_images, bank_labels, query_images, query_labels = sets
-        num_classes = int(max(bank_labels.max(), query_labels.max())) + 1
-        if config.knn.k > len(bank_images):
-            log.warning("k-NN monitor: config.knn.k=%d exceeds the %d bank images; every query votes with all of "
-                        "them", config.knn.k, len(bank_images))
+    evaluators = build_evaluators(config, method, graphdef, mesh, shardings, source)
 
-        def run_knn(step):
-            kw = dict(batch=config.knn.batch_size, mesh=mesh, rules=rules)
-            bank = extract_features(feature_fn, state, bank_images, **kw)
-            queries = extract_features(feature_fn, state, query_images, **kw)
-            top1 = knn_top1(bank, bank_labels, queries, query_labels, config.knn.k, config.knn.temperature,
-                            num_classes)
-            metrics_writer.write(step, {"knn_top1": top1})
-            log.info("step %d: knn_top1 %.4f", step, top1)
+    def evaluate(step):
+        for evaluator in evaluators:
+            figures = evaluator.run(state)
+            metrics_writer.write(step, figures)
+            log.info("step %d: %s", step, ", ".join(f"{k} {v:.4f}" for k, v in figures.items()))
 
-        if start == 0:
-            run_knn(0)
+    if start == 0:
+        evaluate(0)
 
     stop, vote = StopRequest(), StopVote(mesh)
     pending = []  # (step, device metrics) not yet checked for finiteness
@@ -297,7 +217,7 @@ def _train_in_locked_workdir(config, workdir: str, stop_at_step: int | None) -> 
         return {"data_skipped_total": skipped_before + sum_over_processes(skipped_here),
                 "images_seen": step * config.batch_size}
 
-    progress = tqdm.tqdm(total=length.total_steps, initial=start, desc="pretrain", unit="step",
+    progress = tqdm.tqdm(total=length.total_steps, initial=start, desc=method.name, unit="step",
                          dynamic_ncols=True, mininterval=1.0, disable=jax.process_index() != 0)
     interrupted = False
     try:
@@ -328,8 +248,8 @@ def _train_in_locked_workdir(config, workdir: str, stop_at_step: int | None) -> 
                 progress.set_postfix(loss=f"{last_good['loss']:.4f}",
                                      **({"img_s": f"{rate['images_per_sec']:.1f}"} if rate else {}))
                 reset_timer = True
-            if knn_enabled and (step % config.eval_every_steps == 0 or is_last):
-                run_knn(step)
+            if evaluators and (step % config.eval_every_steps == 0 or is_last):
+                evaluate(step)
                 reset_timer = True
             interrupted = stop_agreed or step == stop_at_step
             if step % config.checkpoint_every_steps == 0 or is_last or interrupted:
@@ -350,9 +270,12 @@ def _train_in_locked_workdir(config, workdir: str, stop_at_step: int | None) -> 
     knn = [r["knn_top1"] for r in records if "knn_top1" in r]
     logged_losses = [r["loss"] for r in records if "loss" in r]
     final_step = int(state.step)
+    validation = [r for r in records if "val_top1" in r]
     summary = {"step": final_step, "total_steps": length.total_steps, "interrupted": interrupted,
                "final_loss": logged_losses[-1] if logged_losses else math.nan,
                "knn_top1_start": knn[0] if knn else None, "knn_top1_end": knn[-1] if knn else None,
+               "top1": validation[-1]["val_top1"] if validation else None,
+               "top5": validation[-1]["val_top5"] if validation else None,
                "data_skipped_total": skipped_before + sum_over_processes(skipped_here),
                "checkpoint": checkpoints.path(final_step), "workdir": os.path.abspath(workdir)}
     return summary
@@ -361,6 +284,8 @@ def _train_in_locked_workdir(config, workdir: str, stop_at_step: int | None) -> 
 def format_summary(s: dict) -> str:
     knn = (f"knn_top1 {s['knn_top1_start']:.3f} (step 0) -> {s['knn_top1_end']:.3f} (step {s['step']})"
            if s["knn_top1_start"] is not None else "knn off")
+    if s.get("top1") is not None:  # a classifier: its validation figures
+        knn = f"top1: {s['top1']:.4f}, top5: {s['top5']:.4f} (validation, step {s['step']})"
     status = "interrupted at" if s["interrupted"] else "done:"
     skipped = f", {s['data_skipped_total']} undecodable images skipped" if s.get("data_skipped_total") else ""
     return (f"{status} step {s['step']}/{s['total_steps']}, final loss {s['final_loss']:.4f}, {knn}{skipped}, "

@@ -24,15 +24,15 @@ flags.mark_flags_as_required(["config", "workdir"])
 def main(argv):
     if len(argv) > 1:
         fail(f"unexpected arguments: {argv[1:]}", 2, USAGE)
-    # imported after flag parsing so that --help is fast
-    from siim_jax.config import ConfigError
-    from siim_jax.data.pipeline import TooManyBadImagesError
-    from siim_jax.data.sources import SourceError
+    config = start_command(USAGE)
+    from siim_jax.train.loop import train_and_evaluate
+    finish_training(lambda: train_and_evaluate(config, _WORKDIR.value))
+
+
+def start_command(usage: str):
+    """What every training / evaluation entry point does first: logging, joining the other processes (one line
+    and exit 2 / 1 when that fails), and the recipe from --config (exit 2 when it does not load)."""
     from siim_jax.parallel import distributed
-    from siim_jax.train.checkpoint import (CheckpointMismatchError, CheckpointUnusableError, CheckpointWriteError,
-                                           NonFiniteStateError)
-    from siim_jax.train.loop import NonFiniteLossError, format_summary, train_and_evaluate
-    from siim_jax.train.workdir_lock import WorkdirBusyError
 
     logging.set_verbosity(logging.WARNING)  # library chatter (Orbax) off; siim_jax's own progress on
     own = py_logging.getLogger("siim_jax")
@@ -42,7 +42,7 @@ def main(argv):
     try:
         distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
     except distributed.DistributedSetupError as e:
-        fail(str(e), EXIT_USAGE, USAGE)
+        fail(str(e), EXIT_USAGE, usage)
     except Exception as e:  # noqa: BLE001 - the coordinator did not answer, a peer never joined, ...
         fail(f"could not join the other processes ({type(e).__name__}: {str(e).strip()[:300]}); check "
              "--coordinator_address (reachable from every process, port free) and that all --num_processes "
@@ -52,12 +52,29 @@ def main(argv):
         config = _CONFIG.value
         config.seed  # a recipe that failed to load raises here
     except OSError as error:
-        fail(str(error), EXIT_USAGE, USAGE)
+        fail(str(error), EXIT_USAGE, usage)
     _quiet_failed_checkpoint_writers()
+    return config
+
+
+def finish_training(run, summary_line=None) -> None:
+    """Runs `run()` (-> a summary dict: train_and_evaluate's, or any with "interrupted"), turns every expected
+    failure into one error line and its exit status, prints the summary line (`summary_line(summary)`, default
+    the trainer's), and exits 75 when the run stopped on request (resumable)."""
+    from siim_jax.config import ConfigError
+    from siim_jax.data.pipeline import TooManyBadImagesError
+    from siim_jax.data.sources import SourceError
+    from siim_jax.interop import CheckpointFileError, StateDictMismatchError
+    from siim_jax.train.checkpoint import (CheckpointMismatchError, CheckpointUnusableError, CheckpointWriteError,
+                                           NonFiniteStateError)
+    from siim_jax.train.loop import NonFiniteLossError, format_summary
+    from siim_jax.train.workdir_lock import WorkdirBusyError
+
     try:
-        summary = train_and_evaluate(config, _WORKDIR.value)
+        summary = run()
     except (ConfigError, SourceError, TooManyBadImagesError, CheckpointMismatchError, CheckpointUnusableError,
-            NonFiniteLossError, NonFiniteStateError, WorkdirBusyError) as e:
+            NonFiniteLossError, NonFiniteStateError, WorkdirBusyError, CheckpointFileError,
+            StateDictMismatchError) as e:
         fail(str(e), EXIT_FAILED)
     except CheckpointWriteError as e:
         print("error: " + " ".join(str(e).split()), file=sys.stderr, flush=True)
@@ -65,7 +82,7 @@ def main(argv):
     except OSError as e:  # unwritable workdir, full disk (also raised by a checkpoint save that failed)
         fail(f"cannot write to {e.filename or _WORKDIR.value}: {e.strerror or e}; check the permissions and "
              "free space of --workdir (the newest finished checkpoint in it is intact)", EXIT_FAILED)
-    print(format_summary(summary), flush=True)
+    print((summary_line or format_summary)(summary), flush=True)
     if summary["interrupted"]:
         sys.exit(EXIT_STOPPED)  # stopped on request after saving: resumable
 

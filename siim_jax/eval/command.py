@@ -1,0 +1,87 @@
+"""The linear-probe and fine-tune commands: the trainer (siim_jax/train/loop.py) running a classification
+method on an encoder from --pretrained, with the pretraining command's flags, resume, stop and exit statuses."""
+
+import json
+import os
+
+from absl import app, flags
+
+from siim_jax.cli import EXIT_USAGE, fail, flags_parser
+from siim_jax.train import main as train_main  # defines --config, --workdir and the multi-process flags
+
+NO_PRETRAINING = "none"  # --pretrained none: a randomly initialised encoder (the baseline)
+_PRETRAINED = flags.DEFINE_string("pretrained", None, "Pretraining workdir (its newest checkpoint), a PyTorch "
+                                  "encoder / official pretraining state (.pth, .safetensors), or 'none' (random "
+                                  "initialisation, a baseline).")
+_ENCODER = flags.DEFINE_enum("encoder", None, ["online", "target"], "Which pretrained encoder: online (default, "
+                             "as the official code) or target (the EMA one). Default: config.classifier.encoder.")
+
+
+def run_classifier_command(method: str, module: str) -> None:
+    """`python -m siim_jax.<module>`: train `method` ("linear_probe" | "finetune") on the pretrained encoder."""
+    usage = (f"usage: python -m siim_jax.{module} --config configs/<recipe>.py --pretrained <workdir | .pth | "
+             ".safetensors> --workdir <dir> [--encoder online|target] [--config.key=value ...]")
+    flags.mark_flag_as_required("pretrained")
+
+    def main(argv):
+        if len(argv) > 1:
+            fail(f"unexpected arguments: {argv[1:]}", EXIT_USAGE, usage)
+        config = train_main.start_command(usage)
+        if config.model.loss_type != method:
+            fail(f"--config sets config.model.loss_type={config.model.loss_type!r}; python -m siim_jax.{module} "
+                 f"needs a {method} recipe (configs/{'linprobe' if method == 'linear_probe' else method}_*.py)",
+                 EXIT_USAGE, usage)
+        branch = _ENCODER.value or config.classifier.encoder
+        workdir = train_main._WORKDIR.value
+
+        def run():
+            from siim_jax.eval.pretrained import pretrained_encoder, with_pretrained_encoder
+            from siim_jax.train.loop import train_and_evaluate
+
+            initial = None
+            if _PRETRAINED.value == NO_PRETRAINING:
+                print("pretrained encoder: none (random initialisation, a baseline)", flush=True)
+            else:
+                state_dict, origin = pretrained_encoder(_PRETRAINED.value, branch)
+                print(f"pretrained encoder: {origin}, {len(state_dict)} arrays", flush=True)
+                initial = with_pretrained_encoder(config, state_dict)
+            record_pretrained(workdir, _PRETRAINED.value, branch)
+            summary = train_and_evaluate(config, workdir, initial_weights=initial)
+            if method == "finetune" and not summary["interrupted"]:
+                summary["export"] = export_finetuned(workdir)
+            return summary
+
+        train_main.finish_training(run)
+
+    app.run(main, flags_parser=flags_parser(usage))
+
+
+def record_pretrained(workdir: str, pretrained: str, branch: str) -> None:
+    """<workdir>/pretrained.json: where the encoder came from (process 0)."""
+    import jax
+
+    if jax.process_index() != 0:
+        return
+    os.makedirs(workdir, exist_ok=True)
+    where = pretrained if pretrained == NO_PRETRAINING else os.path.abspath(pretrained)
+    with open(os.path.join(workdir, "pretrained.json"), "w") as f:
+        json.dump({"pretrained": where, "encoder": branch}, f)
+
+
+def export_finetuned(workdir: str) -> str:
+    """The newest checkpoint of a fine-tune workdir as a timm ViT (global_pool='avg': encoder keys, fc_norm.*,
+    head.*) in <workdir>/finetuned.safetensors; returns its path."""
+    import numpy as np
+
+    from siim_jax.interop import export_state_dict, load_workdir_state, write_state_dict
+
+    config, state = load_workdir_state(workdir)
+    state_dict = export_state_dict(config, state, "encoder")
+    params = state.params
+    state_dict["fc_norm.weight"] = np.asarray(params["fc_norm"]["scale"], np.float32)
+    state_dict["fc_norm.bias"] = np.asarray(params["fc_norm"]["bias"], np.float32)
+    state_dict["head.weight"] = np.ascontiguousarray(np.asarray(params["head"]["kernel"], np.float32).T)
+    state_dict["head.bias"] = np.asarray(params["head"]["bias"], np.float32)
+    path = os.path.join(workdir, "finetuned.safetensors")
+    write_state_dict(state_dict, path, "safetensors")
+    return path

@@ -1,0 +1,158 @@
+"""The evaluation commands: linear probe, fine-tune and few-shot on a pretrained encoder, through the trainer
+(resume exact, the encoder really comes from --pretrained, frozen where the protocol freezes it), the timm export
+of a fine-tuned model, and their command lines (one-line errors, the `top1:` summary)."""
+
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from conftest import override, tiny_config
+from siim_jax import config as config_lib
+from siim_jax.eval.pretrained import pretrained_encoder, with_pretrained_encoder
+from siim_jax.interop import load_workdir_state
+from siim_jax.train.loop import train_and_evaluate
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY_MODEL = {"model.variant": "mu", "model.image_size": 32, "model.dtype": "float32", "data.num_train": 64,
+              "data.raw_size": 40, "data.num_masked": 10, "data.num_val": 24, "classifier.num_classes": 10,
+              "classifier.eval_batch_size": 16, "mesh.data": -1}
+TINY_RUN = {"batch_size": 16, "total_steps": 4, "warmup_steps": 1, "log_every_steps": 1,
+            "checkpoint_every_steps": 2, "eval_every_steps": 2}
+
+
+def eval_config(kind: str, **overrides):
+    base = {"linear_probe": config_lib.linear_probe_config, "finetune": config_lib.finetune_config}[kind]("mu")
+    return override(base, {**TINY_MODEL, **TINY_RUN, **overrides})
+
+
+def flags(overrides: dict) -> list[str]:
+    return [f"--config.{k}={v}" for k, v in overrides.items()]
+
+
+def records(workdir):
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def run_module(module, *args):
+    return subprocess.run([sys.executable, "-m", module, *args], cwd=REPO, capture_output=True, text=True,
+                          timeout=600)
+
+
+@pytest.fixture(scope="module")
+def pretrained(tmp_path_factory):
+    """A pretraining workdir (tiny SiameseIM, 4 steps) and its online encoder as PyTorch-named arrays."""
+    workdir = str(tmp_path_factory.mktemp("pretrained"))
+    train_and_evaluate(tiny_config(total_steps=4), workdir)
+    return workdir, pretrained_encoder(workdir)[0]
+
+
+def encoder_of(state):
+    return jax.device_get(state.params["encoder"])
+
+
+def test_linear_probe_loads_the_encoder_keeps_it_frozen_and_resumes_exactly(pretrained, tmp_path):
+    workdir, state_dict = pretrained
+    config = eval_config("linear_probe")
+    load = with_pretrained_encoder(config, state_dict)
+    full = train_and_evaluate(config, str(tmp_path / "full"), initial_weights=load)
+    assert full["step"] == 4 and 0.0 <= full["top1"] <= 1.0 and 0.0 <= full["top5"] <= 1.0
+
+    split = str(tmp_path / "split")
+    assert train_and_evaluate(config, split, stop_at_step=2, initial_weights=load)["interrupted"]
+    resumed = train_and_evaluate(config, split, initial_weights=load)
+    assert resumed["top1"] == full["top1"] and resumed["top5"] == full["top5"]
+    expected = {r["step"]: r["loss"] for r in records(tmp_path / "full") if "loss" in r}
+    got = {r["step"]: r["loss"] for r in records(split) if "loss" in r}
+    assert sorted(got) == [1, 2, 3, 4] and len(set(expected.values())) == 4
+    np.testing.assert_allclose([got[s] for s in range(1, 5)], [expected[s] for s in range(1, 5)], rtol=1e-6)
+    assert {r["step"] for r in records(split) if "val_top1" in r} == {0, 2, 4}
+
+    # the encoder is the pretrained online encoder, unchanged by training; the head did train
+    _, pretraining_state = load_workdir_state(workdir)
+    _, probed = load_workdir_state(str(tmp_path / "full"))
+    jax.tree.map(np.testing.assert_array_equal, encoder_of(probed), jax.device_get(
+        pretraining_state.params["online"]["encoder"]))
+    _, fresh = load_workdir_state(split, step=2)
+    assert not np.allclose(probed.params["head"]["kernel"], fresh.params["head"]["kernel"])
+
+
+def test_linear_probe_is_the_same_on_another_mesh(pretrained, tmp_path):
+    _, state_dict = pretrained
+    runs = {}
+    for name, mesh in {"data8": {"mesh.data": 8}, "data2_fsdp4": {"mesh.data": 2, "mesh.fsdp": 4}}.items():
+        config = eval_config("linear_probe", **mesh)
+        train_and_evaluate(config, str(tmp_path / name), initial_weights=with_pretrained_encoder(config, state_dict))
+        runs[name] = [r.get("loss", r.get("val_top1")) for r in records(tmp_path / name)]
+    np.testing.assert_allclose(runs["data8"], runs["data2_fsdp4"], rtol=2e-5)
+
+
+def test_finetune_resumes_exactly_and_exports_a_timm_model_with_the_same_logits(pretrained, tmp_path):
+    _, state_dict = pretrained
+    config = eval_config("finetune")
+    load = with_pretrained_encoder(config, state_dict)
+    full = train_and_evaluate(config, str(tmp_path / "full"), initial_weights=load)
+    split = str(tmp_path / "split")
+    train_and_evaluate(config, split, stop_at_step=2, initial_weights=load)
+    resumed = train_and_evaluate(config, split, initial_weights=load)
+    assert resumed["top1"] == full["top1"]
+    np.testing.assert_allclose([r["loss"] for r in records(split) if "loss" in r],
+                               [r["loss"] for r in records(tmp_path / "full") if "loss" in r], rtol=1e-6)
+    _, tuned = load_workdir_state(str(tmp_path / "full"))
+    assert not np.allclose(tuned.params["encoder"]["blocks"][0]["mlp"]["fc1"]["kernel"],
+                           state_dict["blocks.0.mlp.fc1.weight"].T)  # the encoder trains too
+
+    torch = pytest.importorskip("torch")
+    timm = pytest.importorskip("timm")
+    from flax import nnx
+
+    from siim_jax.eval.command import export_finetuned
+    from siim_jax.interop import read_state_dict
+    from siim_jax.methods import get_method
+    from siim_jax.train.state import abstract_model
+
+    exported = read_state_dict(export_finetuned(str(tmp_path / "full")))
+    model = timm.models.vision_transformer.VisionTransformer(
+        img_size=32, patch_size=8, embed_dim=64, depth=2, num_heads=2, num_classes=10, global_pool="avg")
+    model.load_state_dict({k: torch.from_numpy(v) for k, v in exported.items()}, strict=True)
+    model.eval()
+    images = np.random.default_rng(0).normal(size=(3, 32, 32, 3)).astype(np.float32)
+    with torch.no_grad():
+        theirs = model(torch.from_numpy(images).permute(0, 3, 1, 2)).numpy()
+    graphdef, _, _ = abstract_model(config)
+    ours = np.asarray(get_method(config).logits(nnx.merge(graphdef, tuned.params, tuned.batch_stats), images))
+    np.testing.assert_allclose(ours, theirs, rtol=1e-4, atol=1e-5)
+
+
+def test_commands_end_with_top1_and_refuse_bad_input_in_one_line(pretrained, tmp_path):
+    workdir, _ = pretrained
+    tiny = flags(TINY_MODEL)
+    # few-shot on the pretrained workdir: a `top1:` summary, and the same figures when rerun
+    fewshot = ["--config", "configs/fewshot_demo.py", "--pretrained", workdir, "--workdir", str(tmp_path / "fs"),
+               *tiny, "--config.fewshot.per_class=2"]
+    first, second = run_module("siim_jax.fewshot", *fewshot), run_module("siim_jax.fewshot", *fewshot)
+    assert first.returncode == 0, first.stderr[-3000:]
+    line = first.stdout.strip().splitlines()[-1]
+    assert "top1: " in line and "mean_patch features of 20 training images" in line and "24 validation images" in line
+    assert second.stdout.strip().splitlines()[-1] == line
+    top1 = float(line.split("top1: ")[1].split(",")[0])
+    assert 0.0 <= top1 <= 1.0
+
+    probe = ["--config", "configs/linprobe_demo.py", "--workdir", str(tmp_path / "lp"), *tiny]
+    cases = [  # (arguments, exit status, what the error line names)
+        (["--config", "configs/demo.py", "--pretrained", workdir, "--workdir", str(tmp_path / "x")], 2,
+         "loss_type='siamese'"),
+        ([*probe, "--pretrained", str(tmp_path / "missing.safetensors")], 1, "missing.safetensors"),
+        ([*probe, "--pretrained", workdir, "--config.model.variant=Ti", "--config.model.image_size=64"], 1,
+         "does not fit"),
+    ]
+    for arguments, status, named in cases:
+        done = run_module("siim_jax.linear_probe", *arguments)
+        errors = [line for line in done.stderr.splitlines() if line.startswith("error:")]
+        assert done.returncode == status and len(errors) == 1 and named in errors[0], done.stderr[-3000:]
+        assert "Traceback" not in done.stderr
