@@ -28,12 +28,33 @@ def load(name):
 def test_every_recipe_validates_locks_and_documents_its_command(name):
     module, config = load(name)
     validate(config)
-    assert "python -m siim_jax.train --config configs/" + name in module.__doc__
+    commands = {"linprobe": "linear_probe", "finetune": "finetune", "fewshot": "fewshot"}
+    command = commands.get(name.split("_")[0], "train")
+    assert f"python -m siim_jax.{command} --config configs/" + name in module.__doc__
     for key in ("seed", "batch_size", "total_steps", "log_every_steps", "checkpoint_every_steps",
                 "eval_every_steps"):
         assert key in config
     with pytest.raises((AttributeError, KeyError), match="batch_sise"):
         config.batch_sise = 3
+
+
+def test_evaluation_recipes_have_spec_values():
+    _, lin = load("linprobe_vit_b16.py")
+    assert (lin.model.loss_type, lin.batch_size, lin.epochs, lin.warmup_epochs) == ("linear_probe", 16384, 90, 10)
+    assert peak_learning_rate(lin) == pytest.approx(6.4) and lin.optim.weight_decay == 0.0
+    assert (lin.classifier.lars_momentum, lin.classifier.trust_coefficient) == (0.9, 0.001)
+    _, ft = load("finetune_vit_b16.py")
+    assert (ft.model.loss_type, ft.batch_size, ft.epochs, ft.warmup_epochs) == ("finetune", 1024, 100, 5)
+    assert (ft.optim.blr, ft.optim.min_lr, ft.optim.weight_decay, ft.optim.b1, ft.optim.b2) == (
+        2.5e-4, 1e-6, 0.05, 0.9, 0.999)
+    c = ft.classifier
+    assert (c.layer_decay, c.drop_path, c.mixup, c.cutmix, c.mixup_switch_prob, c.label_smoothing, c.erase_prob) == (
+        0.65, 0.1, 0.8, 1.0, 0.5, 0.1, 0.25)
+    assert (c.randaugment_ops, c.randaugment_magnitude, c.randaugment_magnitude_std) == (2, 9, 0.5)
+    _, few = load("fewshot_vit_b16.py")
+    assert (few.fewshot.l2, few.fewshot.feature) == (0.1, "class_token")
+    for name in ("linprobe_vit_h14.py", "finetune_vit_h14.py", "fewshot_vit_h14.py"):
+        assert load(name)[1].model.variant == "H"
 
 
 def test_official_vit_b16_recipe_has_spec_values():
