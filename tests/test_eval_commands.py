@@ -14,7 +14,7 @@ import pytest
 from conftest import override, tiny_config
 from siim_jax import config as config_lib
 from siim_jax.eval.pretrained import pretrained_encoder, with_pretrained_encoder
-from siim_jax.interop import load_workdir_state
+from siim_jax.interop import load_workdir_state, read_state_dict
 from siim_jax.train.loop import train_and_evaluate
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -111,12 +111,11 @@ def test_finetune_resumes_exactly_and_exports_a_timm_model_with_the_same_logits(
     timm = pytest.importorskip("timm")
     from flax import nnx
 
-    from siim_jax.eval.command import export_finetuned
-    from siim_jax.interop import read_state_dict
+    from siim_jax.interop import classifier_state_dict
     from siim_jax.methods import get_method
     from siim_jax.train.state import abstract_model
 
-    exported = read_state_dict(export_finetuned(str(tmp_path / "full")))
+    exported = classifier_state_dict(config, tuned)
     model = timm.models.vision_transformer.VisionTransformer(
         img_size=32, patch_size=8, embed_dim=64, depth=2, num_heads=2, num_classes=10, global_pool="avg")
     model.load_state_dict({k: torch.from_numpy(v) for k, v in exported.items()}, strict=True)
@@ -131,7 +130,7 @@ def test_finetune_resumes_exactly_and_exports_a_timm_model_with_the_same_logits(
 
 def test_commands_end_with_top1_and_refuse_bad_input_in_one_line(pretrained, tmp_path):
     workdir, _ = pretrained
-    tiny = flags(TINY_MODEL)
+    tiny = flags({**TINY_MODEL, "batch_size": 16})
     # few-shot on the pretrained workdir: a `top1:` summary, and the same figures when rerun
     fewshot = ["--config", "configs/fewshot_demo.py", "--pretrained", workdir, "--workdir", str(tmp_path / "fs"),
                *tiny, "--config.fewshot.per_class=2"]
@@ -142,6 +141,15 @@ def test_commands_end_with_top1_and_refuse_bad_input_in_one_line(pretrained, tmp
     assert second.stdout.strip().splitlines()[-1] == line
     top1 = float(line.split("top1: ")[1].split(",")[0])
     assert 0.0 <= top1 <= 1.0
+
+    # fine-tune through its command line: the summary line, and the timm export next to the checkpoints
+    finetune = run_module("siim_jax.finetune", "--config", "configs/finetune_demo.py", "--pretrained", workdir,
+                          "--workdir", str(tmp_path / "ft"), *tiny, *flags(TINY_RUN), "--config.total_steps=2")
+    assert finetune.returncode == 0, finetune.stderr[-3000:]
+    assert "top1: " in finetune.stdout.strip().splitlines()[-1]
+    exported = read_state_dict(str(tmp_path / "ft" / "finetuned.safetensors"))
+    assert exported["head.weight"].shape == (10, 64)
+    assert {"fc_norm.bias", "blocks.1.mlp.fc2.weight", "pos_embed"} <= set(exported)
 
     probe = ["--config", "configs/linprobe_demo.py", "--workdir", str(tmp_path / "lp"), *tiny]
     cases = [  # (arguments, exit status, what the error line names)

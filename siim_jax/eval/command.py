@@ -69,19 +69,11 @@ def record_pretrained(workdir: str, pretrained: str, branch: str) -> None:
 
 
 def export_finetuned(workdir: str) -> str:
-    """The newest checkpoint of a fine-tune workdir as a timm ViT (global_pool='avg': encoder keys, fc_norm.*,
-    head.*) in <workdir>/finetuned.safetensors; returns its path."""
-    import numpy as np
-
-    from siim_jax.interop import export_state_dict, load_workdir_state, write_state_dict
+    """The newest checkpoint of a fine-tune workdir as a timm ViT in <workdir>/finetuned.safetensors; returns
+    its path."""
+    from siim_jax.interop import classifier_state_dict, load_workdir_state, write_state_dict
 
     config, state = load_workdir_state(workdir)
-    state_dict = export_state_dict(config, state, "encoder")
-    params = state.params
-    state_dict["fc_norm.weight"] = np.asarray(params["fc_norm"]["scale"], np.float32)
-    state_dict["fc_norm.bias"] = np.asarray(params["fc_norm"]["bias"], np.float32)
-    state_dict["head.weight"] = np.ascontiguousarray(np.asarray(params["head"]["kernel"], np.float32).T)
-    state_dict["head.bias"] = np.asarray(params["head"]["bias"], np.float32)
     path = os.path.join(workdir, "finetuned.safetensors")
-    write_state_dict(state_dict, path, "safetensors")
+    write_state_dict(classifier_state_dict(config, state), path, "safetensors")
     return path

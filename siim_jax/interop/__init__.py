@@ -10,12 +10,12 @@ the train state, and a deterministic loss for comparisons with a PyTorch impleme
 Command lines: python -m siim_jax.export, python -m siim_jax.import_weights.
 """
 
-from siim_jax.interop.convert import (StateDictMismatchError, detect_kind, export_state_dict, import_state_dict,
-                                      interpolate_pos_embed, load_workdir_state, workdir_config)
+from siim_jax.interop.convert import (StateDictMismatchError, classifier_state_dict, detect_kind, export_state_dict,
+                                      import_state_dict, interpolate_pos_embed, load_workdir_state, workdir_config)
 from siim_jax.interop.files import CheckpointFileError, read_state_dict, write_state_dict
 from siim_jax.interop.keys import state_layout
 from siim_jax.interop.loss import pretraining_loss
 
-__all__ = ["CheckpointFileError", "StateDictMismatchError", "detect_kind", "export_state_dict",
+__all__ = ["CheckpointFileError", "StateDictMismatchError", "classifier_state_dict", "detect_kind", "export_state_dict",
            "import_state_dict", "interpolate_pos_embed", "load_workdir_state", "pretraining_loss",
            "read_state_dict", "state_layout", "workdir_config", "write_state_dict"]

@@ -49,6 +49,18 @@ def export_state_dict(config: ml_collections.ConfigDict, state: TrainState, kind
     return out
 
 
+def classifier_state_dict(config: ml_collections.ConfigDict, state: TrainState) -> dict[str, np.ndarray]:
+    """A fine-tuned classifier's state as a timm ViT with global_pool='avg': the encoder keys, `fc_norm.*` and
+    `head.*` (PyTorch Linear layout)."""
+    out = export_state_dict(config, state, "encoder")
+    params = jax.device_get(state.params)
+    out["fc_norm.weight"] = np.asarray(params["fc_norm"]["scale"], np.float32)
+    out["fc_norm.bias"] = np.asarray(params["fc_norm"]["bias"], np.float32)
+    out["head.weight"] = np.ascontiguousarray(np.asarray(params["head"]["kernel"], np.float32).T)
+    out["head.bias"] = np.asarray(params["head"]["bias"], np.float32)
+    return out
+
+
 def detect_kind(state_dict: dict) -> str:
     """"full" for a pretraining model's state dict (decoder / target branch keys present), else "encoder"."""
     full = any(k.startswith(("mm_", "decoder_embed.", "decoder_pred.")) or k == "mask_token" for k in state_dict)
