@@ -9,7 +9,7 @@ lambda / n_train solved on device (L-BFGS, siim_jax/eval/logistic.py).
 
 The subset: config.fewshot.subset_file (the ImageNet 1% list, one training file name per line) or
 config.fewshot.per_class images of every class (seeded). Deterministic: a rerun gives the same figures. Writes
-<workdir>/metrics.jsonl and ends with `done: few-shot ..., top1: <fraction> ...`.
+<workdir>/metrics.jsonl and TensorBoard and ends with `done: few-shot ..., top1: <fraction> ...`.
 """
 
 import json
@@ -119,6 +119,9 @@ def evaluate_few_shot(config, workdir: str, pretrained: str, branch: str) -> dic
             with open(os.path.join(workdir, "metrics.jsonl"), "a") as out:
                 out.write(json.dumps({"step": 0, "fewshot_top1": summary["top1"], "n_train": n, "n_val": total,
                                       "iterations": info["iterations"]}) + "\n")
+            from tensorboardX import SummaryWriter
+            with SummaryWriter(os.path.join(workdir, "tensorboard")) as board:
+                board.add_scalar("fewshot_top1", summary["top1"], 0)
     return summary
 
 

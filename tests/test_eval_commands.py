@@ -139,6 +139,7 @@ def test_commands_end_with_top1_and_refuse_bad_input_in_one_line(pretrained, tmp
     line = first.stdout.strip().splitlines()[-1]
     assert "top1: " in line and "mean_patch features of 20 training images" in line and "24 validation images" in line
     assert second.stdout.strip().splitlines()[-1] == line
+    assert os.listdir(tmp_path / "fs" / "tensorboard") and records(tmp_path / "fs")[-1]["step"] == 0
     top1 = float(line.split("top1: ")[1].split(",")[0])
     assert 0.0 <= top1 <= 1.0
 
