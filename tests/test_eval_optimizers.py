@@ -9,7 +9,7 @@ import pytest
 from flax import nnx
 
 from siim_jax.models.vit import VisionTransformer
-from siim_jax.train.eval_optimizers import finetune_optimizer, lars, layer_decay_scales, layer_id
+from siim_jax.methods.optimizers import finetune_optimizer, lars, layer_decay_scales, layer_id
 
 
 def run_optimizer(tx, params, grads_per_step):

@@ -21,17 +21,16 @@ LossFn = Callable[[Any, Any, Any, dict, jax.Array], tuple[jax.Array, Any]]
 
 
 def path_names(path) -> list:
-    """A jax key path -> its dict keys / list indices."""
-    return [getattr(k, "key", getattr(k, "idx", None)) for k in path]
+    """A jax key path (or a tuple of plain keys) -> its dict keys / list indices."""
+    return [getattr(k, "key", getattr(k, "idx", getattr(k, "name", k))) for k in path]
 
 
-def weight_decay_mask(params):
-    """Weight decay on arrays that are >= 2-D in PyTorch (weights, class and mask tokens); none on biases and
-    norms. (Our qkv bias is (3, heads, head_dim), but PyTorch's is 1-D, so biases are excluded by name; the
-    frozen position table is excluded too.)"""
-    return jax.tree_util.tree_map_with_path(
-        lambda path, p: p.ndim >= 2 and getattr(path[-1], "key", None) not in ("bias", FIXED_POSITION_TABLE),
-        params)
+def weight_decay_mask(params, exempt=("bias", FIXED_POSITION_TABLE)):
+    """True where weight decay applies: arrays that are >= 2-D in PyTorch (weights, class and mask tokens),
+    except leaves named in `exempt`. Biases are exempt by name (our qkv bias is (3, heads, head_dim), PyTorch's is
+    1-D); the frozen position table too; fine-tuning also exempts the class token."""
+    return jax.tree_util.tree_map_with_path(lambda path, p: p.ndim >= 2 and path_names(path)[-1] not in exempt,
+                                            params)
 
 
 class Method:

@@ -20,7 +20,7 @@ from siim_jax.data.randaugment import rand_augment
 from siim_jax.methods.base import Method, path_names
 from siim_jax.models.classifier import FinetuneClassifier, LinearProbeClassifier
 from siim_jax.perf.flops import block_flops, patch_embed_flops
-from siim_jax.train.eval_optimizers import finetune_optimizer, lars
+from siim_jax.methods.optimizers import finetune_optimizer, lars
 
 
 class ClassificationMethod(Method):

@@ -7,18 +7,14 @@ from typing import Any
 import jax
 import optax
 
+from siim_jax.methods.base import FIXED_POSITION_TABLE, path_names, weight_decay_mask
+
 CLASS_TOKEN = "cls_token"
-POSITION_TABLE = "pos_embed"
 PATCH_EMBEDDING = "patch_embed"
 BLOCKS = "blocks"
 # Leaves never weight-decayed in fine-tuning whatever their stored rank (MAE's no_weight_decay list plus biases,
 # which are 1-D in PyTorch but e.g. (3, heads, head_dim) for our fused qkv).
-NO_DECAY_NAMES = ("bias", CLASS_TOKEN, POSITION_TABLE)
-
-
-def _names(path) -> tuple:
-    """A jax key path (or a tuple of names) -> tuple of plain keys (str, or int for list indices)."""
-    return tuple(getattr(k, "key", getattr(k, "idx", getattr(k, "name", k))) for k in path)
+NO_DECAY_NAMES = ("bias", CLASS_TOKEN, FIXED_POSITION_TABLE)
 
 
 def _ndim_at_most_one(params):
@@ -63,13 +59,13 @@ def layer_id(path: tuple, depth: int) -> int:
     i + 1 for block i (a `blocks`/i path), depth + 1 for everything else (fc_norm, head, a final norm).
 
     `path`: the parameter's keys, e.g. ("encoder", "blocks", 3, "mlp", "fc1", "kernel"), or a jax key path."""
-    names = _names(path)
+    names = path_names(path)
     if BLOCKS in names:
         i = int(names[names.index(BLOCKS) + 1])
         if not 0 <= i < depth:
             raise ValueError(f"{'/'.join(map(str, names))}: block {i} does not exist in a depth-{depth} encoder")
         return i + 1
-    if PATCH_EMBEDDING in names or names[-1] in (CLASS_TOKEN, POSITION_TABLE):
+    if PATCH_EMBEDDING in names or names[-1] in (CLASS_TOKEN, FIXED_POSITION_TABLE):
         return 0
     return depth + 1
 
@@ -77,13 +73,6 @@ def layer_id(path: tuple, depth: int) -> int:
 def layer_decay_scales(params: dict, depth: int, decay: float) -> dict:
     """Pytree of the structure of `params`, each leaf the Python float decay ** (depth + 1 - layer_id)."""
     return jax.tree_util.tree_map_with_path(lambda path, _: float(decay ** (depth + 1 - layer_id(path, depth))),
-                                            params)
-
-
-def finetune_weight_decay_mask(params, no_decay: Collection[str] = NO_DECAY_NAMES):
-    """True where fine-tuning applies weight decay: arrays >= 2-D, except leaves whose last key is in
-    `no_decay` (biases, class token, position table)."""
-    return jax.tree_util.tree_map_with_path(lambda path, p: p.ndim >= 2 and _names(path)[-1] not in no_decay,
                                             params)
 
 
@@ -114,7 +103,7 @@ def finetune_optimizer(learning_rate: optax.ScalarOrSchedule, params: dict, dept
     if callable(no_decay):
         mask = jax.tree.map(lambda exempt: not exempt, no_decay(params))
     else:
-        mask = finetune_weight_decay_mask(params, no_decay)
+        mask = weight_decay_mask(params, exempt=no_decay)
     return optax.chain(
         optax.adamw(learning_rate, b1=b1, b2=b2, eps=1e-8, weight_decay=weight_decay, mask=mask),
         scale_by_tree(layer_decay_scales(params, depth, layer_decay)),
