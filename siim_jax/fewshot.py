@@ -32,23 +32,22 @@ def encoder_features(config, feature_fn, state, source, mesh):
     """feature_fn's features of every image of `source` (eval crop), on device: (features (M, D), labels (M,),
     valid (M,)) sharded along M (M >= len(source): padded; undecodable images are valid=False)."""
     from siim_jax.data.classification import LabelledBatches
-    from siim_jax.eval.evaluators import concatenate_rows, padded_batch_size, progress
-    from siim_jax.parallel.sharding import global_batch, local_rows, owned_rows_mask
+    from siim_jax.eval.evaluators import batch_features, padded_batch_size, progress
+    from siim_jax.parallel.sharding import local_rows, owned_rows_mask
 
     rules = config.mesh.logical_axis_rules
     batch = padded_batch_size(config.fewshot.batch_size, mesh, rules)
     batches = LabelledBatches(source, batch, config.model.image_size, config.seed, train=False,
                               rows=local_rows(mesh, rules, batch), owned=owned_rows_mask(mesh, rules, batch),
                               num_threads=config.data.threads)
-    feats, labels, valid = [], [], []
-    for host, skipped in progress(batches.iterate(0), "features", batches.num_steps):
-        for what in skipped:
-            log.warning("few-shot: skipping undecodable %s", what)
-        arrays = global_batch(host, mesh, rules, batch)
-        feats.append(feature_fn(state.params, state.ema_params, state.batch_stats, arrays["images"]))
-        labels.append(arrays["labels"])
-        valid.append(arrays["valid"])
-    return concatenate_rows(mesh, rules, feats, labels, valid)
+
+    def host_batches():
+        for host, skipped in progress(batches.iterate(0), "features", batches.num_steps):
+            for what in skipped:
+                log.warning("few-shot: skipping undecodable %s", what)
+            yield host
+
+    return batch_features(feature_fn, state, host_batches(), batch, mesh, rules)
 
 
 def evaluate_few_shot(config, workdir: str, pretrained: str, branch: str) -> dict:

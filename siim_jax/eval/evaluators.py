@@ -62,24 +62,35 @@ def make_feature_fn(config, method, graphdef, mesh, shardings, feature: str = "f
                                      batch_sharding(mesh, rules, 4)))
 
 
+def batch_features(feature_fn, state, host_batches, batch: int, mesh, rules):
+    """Host batches ({"images", "labels", "valid"} over this process's rows of `batch`-row global batches) ->
+    device arrays (features (M, D), labels (M,), valid (M,)), sharded along M like a batch; nothing gathered."""
+    feats, labels, valid = [], [], []
+    for host in host_batches:
+        arrays = global_batch(host, mesh, rules, batch)
+        feats.append(feature_fn(state.params, state.ema_params, state.batch_stats, arrays["images"]))
+        labels.append(arrays["labels"])
+        valid.append(arrays["valid"])
+    return concatenate_rows(mesh, rules, feats, labels, valid)
+
+
 def extract_array_features(feature_fn, state, images: np.ndarray, labels: np.ndarray, batch: int, mesh, rules,
                            desc: str = "features"):
-    """Features of host images (N, H, W, 3) (the same array on every process) in padded batches: device arrays
-    (features (M, D), labels (M,), valid (M,)) with M >= N, sharded along M like a batch; nothing gathered."""
+    """batch_features of host images (N, H, W, 3) (the same array on every process) in padded batches
+    (M >= N rows, the padding valid=False)."""
     batch = padded_batch_size(batch, mesh, rules)
     rows = local_rows(mesh, rules, batch)
-    feats, labs, valid = [], [], []
-    for start in progress(range(0, len(images), batch), desc, math.ceil(len(images) / batch)):
-        chunk = images[start:start + batch]
-        pad = batch - len(chunk)
-        host = {"images": np.concatenate([chunk, np.zeros((pad,) + chunk.shape[1:], chunk.dtype)]),
-                "labels": np.concatenate([labels[start:start + batch], np.zeros(pad, np.int32)]).astype(np.int32),
-                "valid": np.arange(batch) < len(chunk)}
-        arrays = global_batch({k: v[rows] for k, v in host.items()}, mesh, rules, batch)
-        feats.append(feature_fn(state.params, state.ema_params, state.batch_stats, arrays["images"]))
-        labs.append(arrays["labels"])
-        valid.append(arrays["valid"])
-    return concatenate_rows(mesh, rules, feats, labs, valid)
+
+    def host_batches():
+        for start in progress(range(0, len(images), batch), desc, math.ceil(len(images) / batch)):
+            chunk = images[start:start + batch]
+            pad = batch - len(chunk)
+            host = {"images": np.concatenate([chunk, np.zeros((pad,) + chunk.shape[1:], chunk.dtype)]),
+                    "labels": np.concatenate([labels[start:start + batch], np.zeros(pad, np.int32)]).astype(np.int32),
+                    "valid": np.arange(batch) < len(chunk)}
+            yield {k: v[rows] for k, v in host.items()}
+
+    return batch_features(feature_fn, state, host_batches(), batch, mesh, rules)
 
 
 def concatenate_rows(mesh, rules, *lists):
