@@ -52,14 +52,16 @@ def topology_devices(topology: str):
 
 def compile_for_topology(config, topology: str) -> dict:
     from siim_jax.config import validate
+    from siim_jax.methods import get_method
     from siim_jax.perf.chips import chip_for
     from siim_jax.perf.compiled import collective_bytes, memory_per_device, plan_train_step, xla_flops
     from siim_jax.perf.flops import train_flops_per_image
 
     validate(config)
+    method = get_method(config)
     devices = topology_devices(topology)
     chip = chip_for(devices[0].device_kind)
-    plan = plan_train_step(config, devices)
+    plan = plan_train_step(method, devices)
     start = time.perf_counter()
     lowered = plan.train_step.lower(plan.abstract_state, plan.abstract_batch)
     common = {"topology": topology, "chip": chip.name, "chips": len(devices), "mesh": dict(plan.mesh.shape),
@@ -83,7 +85,7 @@ def compile_for_topology(config, topology: str) -> dict:
         "per_chip_bytes": memory,
         "fits": memory["peak"] <= chip.hbm_bytes,
         "xla_gflop_per_image": counted * len(devices) / config.batch_size / 1e9 if counted else None,
-        "analytic_gflop_per_image": train_flops_per_image(config) / 1e9,
+        "analytic_gflop_per_image": train_flops_per_image(method) / 1e9,
         "xla_counts_loops_once": has_loops,
         "collective_bytes": collective_bytes(text),
         "compile_seconds": seconds,

@@ -52,31 +52,33 @@ def time_steps(step, state, batches, count: int):
     return state, seconds, waiting
 
 
-def real_batches(config, plan):
-    """Device batches from the real input pipeline (this process's rows), endless."""
+def real_batches(method, plan):
+    """Device batches of `method` from the real input pipeline (this process's rows), endless."""
     from siim_jax.data.sources import open_source
-    from siim_jax.methods import get_method
     from siim_jax.parallel.sharding import local_rows
     from siim_jax.train.loop import device_prefetch
 
+    config = method.config
     rules = config.mesh.logical_axis_rules
     source = open_source(config.data, config.seed)
     rows = local_rows(plan.mesh, rules, config.batch_size)
-    batches = get_method(config).make_batches(source, rows=rows, owned=None)
+    batches = method.make_batches(source, rows=rows, owned=None)
     return (batch for batch, _ in device_prefetch(batches.iterate(0), plan.mesh, rules, config.batch_size))
 
 
 def benchmark(config, steps: int, warmup: int, with_data: bool) -> dict:
     from siim_jax.config import validate
+    from siim_jax.methods import get_method
     from siim_jax.perf.chips import chip_for
     from siim_jax.perf.compiled import memory_per_device, plan_train_step, synthetic_batch, xla_flops
     from siim_jax.perf.flops import train_flops_per_image
     from siim_jax.train.state import init_train_state
 
     validate(config)
-    plan = plan_train_step(config)
-    _, _, state, _ = init_train_state(config, plan.mesh, plan.learning_rate)
-    batch = synthetic_batch(config, plan)
+    method = get_method(config)
+    plan = plan_train_step(method)
+    _, _, state, _ = init_train_state(method, plan.mesh, plan.learning_rate)
+    batch = synthetic_batch(method, plan)
     start = time.perf_counter()
     compiled = plan.train_step.lower(state, batch).compile()
     compile_seconds = time.perf_counter() - start
@@ -95,7 +97,7 @@ def benchmark(config, steps: int, warmup: int, with_data: bool) -> dict:
     chip = chip_for(kind)
     median = statistics.median(seconds)
     images_per_sec = config.batch_size / median
-    analytic = train_flops_per_image(config)
+    analytic = train_flops_per_image(method)
     counted = xla_flops(compiled)
     memory = memory_per_device(compiled)
     runtime_peak = [d.memory_stats() or {} for d in jax.local_devices()]
@@ -120,7 +122,7 @@ def benchmark(config, steps: int, warmup: int, with_data: bool) -> dict:
         "model": f"{config.model.loss_type} {config.model.variant} {config.model.image_size}px {config.model.dtype}",
     }
     if with_data:
-        batches = real_batches(config, plan)
+        batches = real_batches(method, plan)
         state, _, _ = time_steps(compiled, state, batches, warmup)
         state, data_seconds, waiting = time_steps(compiled, state, batches, steps)
         rate = config.batch_size / statistics.median(data_seconds)

@@ -1,20 +1,13 @@
 """The full set of config keys with the official ViT-B/16 SiameseIM values, and its validation.
 
+The ground floor of the package: it imports nothing of siim_jax. What only a method knows (its name, the
+encoder variant, patches and masks) is checked when the method is built (siim_jax/methods).
+
 Recipes in `configs/` start from `base_config()` and override what differs; every key that any recipe or
 `--config.key=value` override may set exists here, so a misspelt key fails loudly (the config is locked).
 """
 
 import ml_collections
-
-# Encoder sizes: (width, depth, heads, patch size).
-VIT_VARIANTS = {
-    "mu": (64, 2, 2, 8),  # test-sized
-    "Ti": (192, 12, 3, 16),
-    "S": (384, 12, 6, 16),
-    "B": (768, 12, 12, 16),
-    "L": (1024, 24, 16, 16),
-    "H": (1280, 32, 16, 14),
-}
 
 DEFAULT_LOGICAL_AXIS_RULES = (
     # (logical axis, mesh axes); pure FSDP on the embedding axis, tensor parallelism on MLP/heads.
@@ -49,7 +42,7 @@ def base_config() -> ml_collections.ConfigDict:
 
     c.model = ml_collections.ConfigDict()
     c.model.loss_type = "siamese"  # the method (siim_jax/methods): siamese, mae, linear_probe or finetune
-    c.model.variant = "B"  # key of VIT_VARIANTS
+    c.model.variant = "B"  # key of VIT_VARIANTS (siim_jax/models/variants.py)
     c.model.image_size = 224
     c.model.decoder_width = 768
     c.model.decoder_heads = 16
@@ -112,7 +105,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.ema.base_momentum = 0.995
 
     c.data = ml_collections.ConfigDict()
-    c.data.source = "builtin"  # or "imagefolder:<root>" or "tfds:<name>" (siim_jax/data/sources.py)
+    c.data.source = "builtin"  # or "imagefolder:<root>" or "tfds:<name>" (siim_jax/data/sources/)
     c.data.split = "train"  # imagefolder: the sub-folder of <root>; tfds: the split
     c.data.tfds_data_dir = ""  # tfds: where the dataset is prepared ("" = TFDS's default)
     c.data.num_train = 1281167  # builtin: how many images to generate (other sources: their length)
@@ -208,22 +201,11 @@ def lock(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
 
 
 def validate(c: ml_collections.ConfigDict) -> None:
-    """Raises ConfigError naming the first inconsistent value and how to fix it."""
+    """Raises ConfigError naming the first inconsistent value and how to fix it; get_method(c) then checks what
+    the method knows (siim_jax/methods/base.py: Method.check_config)."""
     m = c.model
-    if m.variant not in VIT_VARIANTS:
-        raise ConfigError(f"config.model.variant={m.variant!r}: choose one of {sorted(VIT_VARIANTS)}")
     if m.remat not in ("none", "dots", "full"):
         raise ConfigError(f"config.model.remat={m.remat!r}: choose none, dots or full")
-    from siim_jax.methods import METHODS  # the methods build on this module
-    if m.loss_type not in METHODS:
-        raise ConfigError(f"config.model.loss_type={m.loss_type!r}: the method; choose one of {sorted(METHODS)}")
-    patch = VIT_VARIANTS[m.variant][3]
-    if m.image_size % patch:
-        raise ConfigError(f"config.model.image_size={m.image_size} is not a multiple of the patch size {patch}")
-    num_patches = (m.image_size // patch) ** 2
-    if not 0 < c.data.num_masked < num_patches:
-        raise ConfigError(f"config.data.num_masked={c.data.num_masked} must lie in (0, {num_patches}) "
-                         f"for {m.image_size}px images with {patch}px patches")
     if c.batch_size <= 0 or c.grad_accum_steps <= 0 or c.batch_size % c.grad_accum_steps:
         raise ConfigError(f"config.batch_size={c.batch_size} must be a positive multiple of "
                          f"config.grad_accum_steps={c.grad_accum_steps}")

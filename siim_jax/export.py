@@ -46,9 +46,9 @@ def main(argv=None) -> None:
             raise ValueError("--full exports both branches; --branch only selects the encoder of an encoder export")
         print(f"restoring {'the newest step' if args.step is None else f'step {args.step}'} from {args.workdir}",
               flush=True)
-        config, state = load_workdir_state(args.workdir, args.step)
+        method, state = load_workdir_state(args.workdir, args.step)
         kind = "full" if args.full else "encoder"
-        state_dict = export_state_dict(config, state, kind, args.branch)
+        state_dict = export_state_dict(method, state, kind, args.branch)
         print(f"writing {len(state_dict)} arrays to {args.out}", flush=True)
         write_state_dict(state_dict, args.out, file_format)
     except (CheckpointFileError, ValueError) as error:  # bad workdir, step, format or option combination

@@ -39,6 +39,7 @@ def main(argv):
 
     from siim_jax import config as config_lib
     from siim_jax.interop import CheckpointFileError, StateDictMismatchError, import_state_dict, read_state_dict
+    from siim_jax.methods import get_method
     from siim_jax.parallel.sharding import create_mesh
     from siim_jax.train.checkpoint import Checkpointer
     from siim_jax.train.schedules import learning_rate_fn, training_length
@@ -56,6 +57,7 @@ def main(argv):
         fail(f"{workdir} already holds checkpoints; import into a new --workdir", 2)
     try:
         config_lib.validate(config)
+        method = get_method(config)
         print(f"reading {_CHECKPOINT.value}", flush=True)
         state_dict = read_state_dict(_CHECKPOINT.value)
     except (config_lib.ConfigError, CheckpointFileError) as error:
@@ -64,8 +66,8 @@ def main(argv):
         print("creating the train state", flush=True)
         mesh = create_mesh(config.mesh)
         lr_fn = learning_rate_fn(config, training_length(config, config.data.num_train))
-        _, _, state, _ = init_train_state(config, mesh, lr_fn)
-        state = import_state_dict(config, state, state_dict, kind=_KIND.value,
+        _, _, state, _ = init_train_state(method, mesh, lr_fn)
+        state = import_state_dict(method, state, state_dict, kind=_KIND.value,
                                   allow_partial=_ALLOW_PARTIAL.value, log=lambda m: print(m, flush=True))
     except (config_lib.ConfigError, StateDictMismatchError) as error:
         fail(str(error), 1)

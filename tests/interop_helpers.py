@@ -5,10 +5,9 @@ import jax
 import numpy as np
 from flax import nnx
 
-from siim_jax.parallel.sharding import create_mesh
 from siim_jax.methods import get_method
+from siim_jax.parallel.sharding import create_mesh, jit_in_mesh
 from siim_jax.train.state import init_train_state
-from siim_jax.train.step import jit_in_mesh
 
 
 def one_device_mesh():
@@ -17,7 +16,7 @@ def one_device_mesh():
 
 def fresh_state(config, mesh=None):
     """(graphdef, state) of a newly initialised train state."""
-    graphdef, _, state, _ = init_train_state(config, mesh or one_device_mesh(), lambda step: 0.0)
+    graphdef, _, state, _ = init_train_state(get_method(config), mesh or one_device_mesh(), lambda step: 0.0)
     return graphdef, state
 
 
@@ -47,8 +46,9 @@ def randomized(state, seed: int):
 
 def encoder_tokens(config, graphdef, state, images: np.ndarray) -> np.ndarray:
     """Our online encoder on full images (N, S, S, 3) -> tokens (N, 1 + grid^2, D), class token first."""
+    method = get_method(config)
+
     def run(params, ema_params, batch_stats, images):
-        method = get_method(config)
         encoder = method.encoder(nnx.merge(graphdef, method.merge_params(params, ema_params), batch_stats))
         return encoder(encoder.patch_tokens(images))
 

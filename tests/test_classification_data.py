@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from siim_jax.data.builtin import make_builtin_images
 from siim_jax.data.classification import LabelledBatches
 from siim_jax.data.sources import ArraySource, SourceError, open_source
+from siim_jax.data.sources.builtin import make_builtin_images
 from siim_jax.data.views import eval_view, sample_crop
 
 IMAGES, LABELS = make_builtin_images(seed=0, num_images=21, image_size=24)

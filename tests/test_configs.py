@@ -10,8 +10,8 @@ import pytest
 from flax import nnx
 
 from siim_jax.config import validate
-from siim_jax.train.schedules import peak_learning_rate
 from siim_jax.methods import get_method
+from siim_jax.train.schedules import peak_learning_rate
 from siim_jax.train.state import abstract_model
 
 CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
@@ -77,8 +77,9 @@ def test_official_vit_b16_recipe_has_spec_values():
 ])
 def test_encoder_parameter_count_matches_timm(name, timm_params):
     _, c = load(name)
-    _, params, _ = abstract_model(c)
-    online, ema = get_method(c).split_params(nnx.to_pure_dict(params))
+    method = get_method(c)
+    _, params, _ = abstract_model(method)
+    online, ema = method.split_params(nnx.to_pure_dict(params))
     count = lambda tree: sum(math.prod(x.shape) for x in jax.tree.leaves(tree))
     width = {"B": 768, "L": 1024}[c.model.variant]
     grid = c.model.image_size // 16

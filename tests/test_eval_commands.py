@@ -59,7 +59,7 @@ def encoder_of(state):
 def test_linear_probe_loads_the_encoder_keeps_it_frozen_and_resumes_exactly(pretrained, tmp_path):
     workdir, state_dict = pretrained
     config = eval_config("linear_probe")
-    load = with_pretrained_encoder(config, state_dict)
+    load = with_pretrained_encoder(state_dict)
     full = train_and_evaluate(config, str(tmp_path / "full"), initial_weights=load)
     assert full["step"] == 4 and 0.0 <= full["top1"] <= 1.0 and 0.0 <= full["top5"] <= 1.0
 
@@ -87,7 +87,7 @@ def test_linear_probe_is_the_same_on_another_mesh(pretrained, tmp_path):
     runs = {}
     for name, mesh in {"data8": {"mesh.data": 8}, "data2_fsdp4": {"mesh.data": 2, "mesh.fsdp": 4}}.items():
         config = eval_config("linear_probe", **mesh)
-        train_and_evaluate(config, str(tmp_path / name), initial_weights=with_pretrained_encoder(config, state_dict))
+        train_and_evaluate(config, str(tmp_path / name), initial_weights=with_pretrained_encoder(state_dict))
         runs[name] = [r.get("loss", r.get("val_top1")) for r in records(tmp_path / name)]
     np.testing.assert_allclose(runs["data8"], runs["data2_fsdp4"], rtol=2e-5)
 
@@ -95,7 +95,7 @@ def test_linear_probe_is_the_same_on_another_mesh(pretrained, tmp_path):
 def test_finetune_resumes_exactly_and_exports_a_timm_model_with_the_same_logits(pretrained, tmp_path):
     _, state_dict = pretrained
     config = eval_config("finetune")
-    load = with_pretrained_encoder(config, state_dict)
+    load = with_pretrained_encoder(state_dict)
     full = train_and_evaluate(config, str(tmp_path / "full"), initial_weights=load)
     split = str(tmp_path / "split")
     train_and_evaluate(config, split, stop_at_step=2, initial_weights=load)
@@ -115,7 +115,8 @@ def test_finetune_resumes_exactly_and_exports_a_timm_model_with_the_same_logits(
     from siim_jax.methods import get_method
     from siim_jax.train.state import abstract_model
 
-    exported = classifier_state_dict(config, tuned)
+    method = get_method(config)
+    exported = classifier_state_dict(method, tuned)
     model = timm.models.vision_transformer.VisionTransformer(
         img_size=32, patch_size=8, embed_dim=64, depth=2, num_heads=2, num_classes=10, global_pool="avg")
     model.load_state_dict({k: torch.from_numpy(v) for k, v in exported.items()}, strict=True)
@@ -123,8 +124,8 @@ def test_finetune_resumes_exactly_and_exports_a_timm_model_with_the_same_logits(
     images = np.random.default_rng(0).normal(size=(3, 32, 32, 3)).astype(np.float32)
     with torch.no_grad():
         theirs = model(torch.from_numpy(images).permute(0, 3, 1, 2)).numpy()
-    graphdef, _, _ = abstract_model(config)
-    ours = np.asarray(get_method(config).logits(nnx.merge(graphdef, tuned.params, tuned.batch_stats), images))
+    graphdef, _, _ = abstract_model(method)
+    ours = np.asarray(method.logits(nnx.merge(graphdef, tuned.params, tuned.batch_stats), images))
     np.testing.assert_allclose(ours, theirs, rtol=1e-4, atol=1e-5)
 
 

@@ -16,6 +16,7 @@ from interop_helpers import fresh_state, randomized
 from siim_jax import export as export_cli
 from siim_jax import interop
 from siim_jax.interop import CheckpointFileError, StateDictMismatchError
+from siim_jax.methods import get_method
 from siim_jax.parallel.sharding import create_mesh
 from siim_jax.train.checkpoint import Checkpointer
 
@@ -28,26 +29,26 @@ def assert_trees_equal(a, b):
 
 @pytest.fixture(scope="module")
 def states():
-    """(config, a randomised source state, a fresh state to import into)."""
+    """(method, a randomised source state, a fresh state to import into)."""
     config = tiny_config()
     _, fresh = fresh_state(config)
-    return config, randomized(fresh, seed=1), fresh
+    return get_method(config), randomized(fresh, seed=1), fresh
 
 
-def _exported_and_read_back(config, state, kind: str, path: str) -> dict:
+def _exported_and_read_back(method, state, kind: str, path: str) -> dict:
     """export_state_dict -> .safetensors file -> read_state_dict, checking the kind is recognised."""
-    interop.write_state_dict(interop.export_state_dict(config, state, kind), path, "safetensors")
+    interop.write_state_dict(interop.export_state_dict(method, state, kind), path, "safetensors")
     state_dict = interop.read_state_dict(path)
     assert interop.detect_kind(state_dict) == kind
     return state_dict
 
 
 def test_full_round_trip_is_bit_exact(states, tmp_path):
-    config, source, fresh = states
-    state_dict = _exported_and_read_back(config, source, "full", str(tmp_path / "full.safetensors"))
+    method, source, fresh = states
+    state_dict = _exported_and_read_back(method, source, "full", str(tmp_path / "full.safetensors"))
     assert state_dict["projector_decoder_blocks.0.norm1.bn.num_batches_tracked"].shape == ()
     assert int(state_dict["projector_decoder_blocks.0.norm1.bn.num_batches_tracked"]) == 7  # the step
-    imported = interop.import_state_dict(config, fresh, state_dict, log=lambda _: None)
+    imported = interop.import_state_dict(method, fresh, state_dict, log=lambda _: None)
     assert_trees_equal(imported.batch_stats, source.batch_stats)
     assert_trees_equal(imported.params, source.params)
     # the target branch comes back from mm_*; the position table is one for both branches, the online one
@@ -61,10 +62,10 @@ def test_full_round_trip_is_bit_exact(states, tmp_path):
 
 
 def test_encoder_round_trip_fills_online_and_target_encoders(states, tmp_path):
-    config, source, fresh = states
-    state_dict = _exported_and_read_back(config, source, "encoder", str(tmp_path / "encoder.safetensors"))
+    method, source, fresh = states
+    state_dict = _exported_and_read_back(method, source, "encoder", str(tmp_path / "encoder.safetensors"))
     assert state_dict["pos_embed"].shape == (1, 17, 64)
-    imported = interop.import_state_dict(config, fresh, state_dict, log=lambda _: None)
+    imported = interop.import_state_dict(method, fresh, state_dict, log=lambda _: None)
     source_encoder = source.params["online"]["encoder"]
     assert_trees_equal(imported.params["online"]["encoder"], source_encoder)
     assert_trees_equal(imported.ema_params["encoder"], source_encoder)  # target = exact copy
@@ -73,14 +74,14 @@ def test_encoder_round_trip_fills_online_and_target_encoders(states, tmp_path):
     assert_trees_equal(imported.ema_params["decoder_embed"], fresh.ema_params["decoder_embed"])
     assert_trees_equal(imported.batch_stats, fresh.batch_stats)
 
-    target = interop.export_state_dict(config, source, "encoder", branch="target")
+    target = interop.export_state_dict(method, source, "encoder", branch="target")
     np.testing.assert_array_equal(target["cls_token"], jax.device_get(source.ema_params["encoder"]["cls_token"]))
 
 
 def test_layouts_follow_pytorch_conventions(states):
     """Shapes and orientation of each kind of array against SPEC section 6 (PyTorch (out, in), OIHW, q|k|v)."""
-    config, source, _ = states
-    sd = interop.export_state_dict(config, source, "full")
+    method, source, _ = states
+    sd = interop.export_state_dict(method, source, "full")
     online = jax.device_get(source.params["online"])
     qkv = online["encoder"]["blocks"][0]["attn"]["qkv"]["kernel"]  # (D, 3, heads, head_dim)
     # row 64 + 32 of PyTorch's (3D, D) weight is k of head 1, dimension 0
@@ -144,13 +145,13 @@ def test_export_to_pth_without_torch_is_a_clear_error(tmp_path, monkeypatch, cap
 
 
 def test_strict_import_lists_missing_unexpected_and_misshaped_keys(states):
-    config, source, fresh = states
-    sd = interop.export_state_dict(config, source, "full")
+    method, source, fresh = states
+    sd = interop.export_state_dict(method, source, "full")
     del sd["decoder_pred.bias"]
     sd["head.weight"] = np.zeros((10, 64), np.float32)
     sd["blocks.1.mlp.fc2.weight"] = np.zeros((64, 128), np.float32)
     with pytest.raises(StateDictMismatchError) as error:
-        interop.import_state_dict(config, fresh, sd)
+        interop.import_state_dict(method, fresh, sd)
     message = str(error.value)
     assert "1 missing: decoder_pred.bias" in message
     assert "1 unexpected: head.weight" in message
@@ -158,7 +159,7 @@ def test_strict_import_lists_missing_unexpected_and_misshaped_keys(states):
     assert "allow_partial=True" in message and "--allow-partial" in message
 
     logged = []
-    partial = interop.import_state_dict(config, fresh, sd, allow_partial=True, log=logged.append)
+    partial = interop.import_state_dict(method, fresh, sd, allow_partial=True, log=logged.append)
     assert "skipped" in logged[0] and "head.weight" in logged[0]
     # what fitted is loaded, what did not keeps the fresh value
     np.testing.assert_array_equal(jax.device_get(partial.params["decoder_pred"]["kernel"]),
@@ -172,25 +173,25 @@ def test_strict_import_lists_missing_unexpected_and_misshaped_keys(states):
 
 
 def test_full_import_requires_batchnorm_counters_and_the_standard_decoder_table(states):
-    config, source, fresh = states
-    sd = interop.export_state_dict(config, source, "full")
+    method, source, fresh = states
+    sd = interop.export_state_dict(method, source, "full")
     del sd["predictor_decoder_blocks.0.norm2.bn.num_batches_tracked"]
     with pytest.raises(StateDictMismatchError, match="missing: predictor_decoder_blocks.0.norm2.bn.num_batches"):
-        interop.import_state_dict(config, fresh, sd)
-    sd = interop.export_state_dict(config, source, "full")
+        interop.import_state_dict(method, fresh, sd)
+    sd = interop.export_state_dict(method, source, "full")
     table = sd["decoder_pos_embed"]  # MAE's original order (column half first) is another model
     sd["decoder_pos_embed"] = np.concatenate([table[..., 16:], table[..., :16]], axis=-1)
     with pytest.raises(StateDictMismatchError, match=r"decoder_pos_embed: max \|difference\| .*\(row half first\)"):
-        interop.import_state_dict(config, fresh, sd)
+        interop.import_state_dict(method, fresh, sd)
 
 
 def test_encoder_file_at_another_resolution_is_resized(states):
-    config, source, fresh = states
-    sd = interop.export_state_dict(config, source, "encoder")
+    method, source, fresh = states
+    sd = interop.export_state_dict(method, source, "encoder")
     bigger = tiny_config(**{"model.image_size": 48, "data.num_masked": 20})
     _, big_state = fresh_state(bigger)
     logged = []
-    imported = interop.import_state_dict(bigger, big_state, sd, log=logged.append)
+    imported = interop.import_state_dict(get_method(bigger), big_state, sd, log=logged.append)
     table = np.asarray(jax.device_get(imported.params["online"]["encoder"]["pos_embed"]))
     assert table.shape == (1, 37, 64) and any("resized the 4^2 grid to 6^2" in m for m in logged)
     np.testing.assert_array_equal(table[0, 0], sd["pos_embed"][0, 0])  # class row kept
@@ -213,8 +214,8 @@ def test_files_with_non_float_or_non_finite_arrays_are_refused(tmp_path):
 
 
 def test_module_prefix_and_float16_are_accepted(states, tmp_path):
-    config, source, fresh = states
-    sd = interop.export_state_dict(config, source, "encoder")
+    method, source, fresh = states
+    sd = interop.export_state_dict(method, source, "encoder")
     path = str(tmp_path / "ddp.safetensors")
     safetensors.numpy.save_file({f"module.{k}": v.astype(np.float16) for k, v in sd.items()}, path)
     read = interop.read_state_dict(path)
@@ -232,9 +233,9 @@ def test_workdir_config_round_trips_the_recorded_config(tmp_path):
 
 
 def test_import_cli_writes_a_step_that_export_reads_back(states, tmp_path):
-    config, source, _ = states
+    method, source, _ = states
     weights = str(tmp_path / "encoder.safetensors")
-    interop.write_state_dict(interop.export_state_dict(config, source, "encoder"), weights, "safetensors")
+    interop.write_state_dict(interop.export_state_dict(method, source, "encoder"), weights, "safetensors")
     recipe = tmp_path / "tiny_recipe.py"
     recipe.write_text(f"import sys\nsys.path.insert(0, {os.path.dirname(os.path.abspath(__file__))!r})\n"
                       "from conftest import tiny_config\n\ndef get_config():\n    return tiny_config()\n")
@@ -244,7 +245,7 @@ def test_import_cli_writes_a_step_that_export_reads_back(states, tmp_path):
     done = subprocess.run(command, capture_output=True, text=True, cwd=REPO)
     assert done.returncode == 0, done.stderr
     assert "imported 28 of 28 arrays" in done.stdout and "checkpoints/0" in done.stdout
-    restored_config, restored = interop.load_workdir_state(workdir)
+    _, restored = interop.load_workdir_state(workdir)
     assert_trees_equal(restored.params["online"]["encoder"], source.params["online"]["encoder"])
     assert_trees_equal(restored.ema_params["encoder"], source.params["online"]["encoder"])
     assert int(restored.step) == 0
@@ -293,11 +294,11 @@ def test_export_cli_to_a_directory_is_a_one_line_error(tmp_path):
 
 
 def test_export_cli_write_failure_is_a_one_line_error(states, tmp_path, capsys):
-    config, source, _ = states
+    method, source, _ = states
     workdir = tmp_path / "run"
     workdir.mkdir()
-    (workdir / "config.json").write_text(config.to_json_best_effort())
-    checkpoints = Checkpointer(str(workdir), config)
+    (workdir / "config.json").write_text(method.config.to_json_best_effort())
+    checkpoints = Checkpointer(str(workdir), method.config)
     checkpoints.save(7, source)
     checkpoints.close()
     blocker = tmp_path / "a_file"

@@ -14,6 +14,7 @@ from interop_helpers import encoder_tokens, fresh_state, randomized
 
 from siim_jax import interop
 from siim_jax.interop import CheckpointFileError
+from siim_jax.methods import get_method
 
 nn = torch.nn
 F = torch.nn.functional
@@ -26,7 +27,7 @@ def test_timm_vision_transformer_loads_the_export_and_matches_our_tokens(tmp_pat
     graphdef, fresh = fresh_state(config)
     state = randomized(fresh, seed=3)  # random pos_embed too: the table travels as a parameter
     path = str(tmp_path / "encoder.pth")
-    interop.write_state_dict(interop.export_state_dict(config, state, "encoder"), path, "pth")
+    interop.write_state_dict(interop.export_state_dict(get_method(config), state, "encoder"), path, "pth")
 
     vit = timm.models.vision_transformer.VisionTransformer(
         img_size=32, patch_size=8, embed_dim=64, depth=2, num_heads=2, mlp_ratio=4.0, qkv_bias=True,
@@ -220,12 +221,13 @@ def reference_with_distinct_weights(seed=0):
 
 def test_reference_state_dict_imports_and_gives_the_same_loss_gradients_and_batch_statistics(tmp_path):
     config = tiny_config()  # float32 compute, 4x4 grid, 10 of 16 patches masked
+    method = get_method(config)
     reference = reference_with_distinct_weights()
     path = str(tmp_path / "official_layout.pth")
     torch.save({"model": reference.state_dict(), "epoch": 3}, path)
 
     _, fresh = fresh_state(config)
-    state = interop.import_state_dict(config, fresh, interop.read_state_dict(path), log=lambda _: None)
+    state = interop.import_state_dict(method, fresh, interop.read_state_dict(path), log=lambda _: None)
 
     rng = np.random.default_rng(5)
     n = 4
@@ -237,7 +239,7 @@ def test_reference_state_dict_imports_and_gives_the_same_loss_gradients_and_batc
                         axis=1).astype(np.float32)
     batch = {"view1": rng.normal(size=(n, 32, 32, 3)).astype(np.float32),
              "view2": rng.normal(size=(n, 32, 32, 3)).astype(np.float32), "geometry": geometry, "mask": mask}
-    ours = interop.pretraining_loss(config, state, batch, with_grads=True)
+    ours = interop.pretraining_loss(method, state, batch, with_grads=True)
 
     reference.train()
     loss = reference(*(torch.from_numpy(batch[k]).permute(0, 3, 1, 2) for k in ("view1", "view2")),
@@ -254,7 +256,7 @@ def test_reference_state_dict_imports_and_gives_the_same_loss_gradients_and_batc
         assert scale > 0, key
         np.testing.assert_allclose(ours["grads"][key], trainable[key], rtol=1e-4, atol=1e-4 * scale, err_msg=key)
 
-    after = interop.export_state_dict(config, state.replace(batch_stats=ours["batch_stats"]), "full")
+    after = interop.export_state_dict(method, state.replace(batch_stats=ours["batch_stats"]), "full")
     buffers = dict(reference.named_buffers())
     for key in ("projector_decoder_blocks.0.norm2.bn.running_var", "mm_projector_decoder_blocks.0.norm1.bn"
                 ".running_mean", "predictor_decoder_blocks.0.norm1.bn.running_var"):
@@ -265,7 +267,8 @@ def test_our_full_export_loads_strictly_into_the_reference_model(tmp_path):
     config = tiny_config()
     _, fresh = fresh_state(config)
     path = str(tmp_path / "full.pth")
-    interop.write_state_dict(interop.export_state_dict(config, randomized(fresh, seed=4), "full"), path, "pth")
+    sd = interop.export_state_dict(get_method(config), randomized(fresh, seed=4), "full")
+    interop.write_state_dict(sd, path, "pth")
     reference = ReferenceSiameseIM()
     reference.load_state_dict(torch.load(path, map_location="cpu", weights_only=True)["model"], strict=True)
 

@@ -13,9 +13,11 @@ import pytest
 
 from conftest import override, recipe_config, tiny_config
 from siim_jax.config import base_config
+from siim_jax.methods import get_method
+from siim_jax.models.flops import block_flops
 from siim_jax.perf.chips import chip_for
 from siim_jax.perf.compiled import _INSTRUCTION, _shapes_bytes, collective_bytes, plan_train_step
-from siim_jax.perf.flops import block_flops, train_flops_per_image
+from siim_jax.perf.flops import train_flops_per_image
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -24,7 +26,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def test_analytic_flops_match_the_hand_counts_of_the_official_models(variant, masked, expected):
     # GFLOP/image counted by hand for the official recipes (ViT-B/16, L/16, H/14 at 224 px, 768-wide decoder)
     c = override(base_config(), {"model.variant": variant, "data.num_masked": masked})
-    assert train_flops_per_image(c) / 1e9 == pytest.approx(expected, abs=0.5)
+    assert train_flops_per_image(get_method(c)) / 1e9 == pytest.approx(expected, abs=0.5)
 
 
 def test_block_flops_match_xlas_count_of_a_block():
@@ -62,7 +64,7 @@ def compiled_collectives(mesh: dict, batch: int, loss_type: str = "siamese") -> 
     """Collective bytes by kind, and the result shapes of every collective, of the tiny step on 8 devices."""
     config = tiny_config(batch_size=batch, **{"model.loss_type": loss_type},
                          **{f"mesh.{k}": v for k, v in mesh.items()})
-    plan = plan_train_step(config)
+    plan = plan_train_step(get_method(config))
     text = plan.train_step.lower(plan.abstract_state, plan.abstract_batch).compile().as_text()
     shapes = [m.group(1) for m in map(_INSTRUCTION.search, text.splitlines()) if m]
     return collective_bytes(text), shapes
@@ -112,7 +114,7 @@ def test_bench_step_reports_consistent_figures():
     s = result["step_seconds"]
     assert 0 < s["min"] <= s["median"] <= s["max"] and result["compile_seconds"] > 0
     demo = recipe_config("demo", batch_size=16)
-    assert result["analytic_gflop_per_image"] == pytest.approx(train_flops_per_image(demo) / 1e9)
+    assert result["analytic_gflop_per_image"] == pytest.approx(train_flops_per_image(get_method(demo)) / 1e9)
     assert result["mfu"] is None  # no peak for CPUs
     assert 0.9 < result["xla_gflop_per_image"] / result["analytic_gflop_per_image"] < 1.3
     assert result["peak_memory_bytes"] > 0

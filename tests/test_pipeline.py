@@ -1,8 +1,8 @@
 import numpy as np
 import pytest
 
-from siim_jax.data.builtin import make_builtin_images
 from siim_jax.data.pipeline import TwoViewBatches
+from siim_jax.data.sources.builtin import make_builtin_images
 
 IMAGES, LABELS = make_builtin_images(seed=0, num_images=40, image_size=24)
 

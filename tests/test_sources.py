@@ -14,8 +14,8 @@ from PIL import Image
 from conftest import recipe_config
 from siim_jax.data.pipeline import TooManyBadImagesError, TwoViewBatches
 from siim_jax.data.sources import (BadImageError, ImageFolderSource, SourceError, decode_rgb, open_source)
-from siim_jax.data.synthetic import write_image_folder
 from siim_jax.data.views import eval_view
+from siim_jax.tools.make_jpegs import write_image_folder
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RNG = np.random.default_rng(0)
@@ -196,7 +196,7 @@ def _load_demo():
 
 
 def test_bench_prints_its_figures(tree, tmp_path, capsys):
-    from siim_jax.data import bench
+    from siim_jax.tools import bench_input as bench
     bench.main(["--make-jpegs", str(tmp_path / "jpegs"), "--count", "20"])
     assert len(ImageFolderSource(str(tmp_path / "jpegs"))) == 20
     bench.main(["--source", f"imagefolder:{tree}", "--batch", "4", "--steps", "2", "--image-size", "32",

@@ -14,7 +14,7 @@ from PIL import Image
 
 from siim_jax.data.pipeline import TwoViewBatches
 from siim_jax.data.sources import BadImageError, SourceError, decode_rgb
-from siim_jax.data.tfds_source import TfdsSource
+from siim_jax.data.sources.tfds import TfdsSource
 
 NAME = "siim_tiny_images"  # the snake-case name TFDS registers for SiimTinyImages
 NUM_CLASSES = 3
@@ -208,7 +208,7 @@ def test_tfrecord_dataset_names_the_conversion(tmp_path):
 
 def test_reading_does_not_import_tensorflow(data_dir):
     """TensorFlow must stay out of the training process (it would claim accelerator memory on GPU hosts)."""
-    program = (f"import sys; from siim_jax.data.tfds_source import TfdsSource; "
+    program = (f"import sys; from siim_jax.data.sources.tfds import TfdsSource; "
                f"s = TfdsSource({NAME!r}, 'train', {data_dir!r}); s.read(0); s.label(0); "
                f"assert 'tensorflow' not in sys.modules, 'tensorflow was imported'")
     subprocess.run([sys.executable, "-c", program], check=True, capture_output=True, timeout=120)

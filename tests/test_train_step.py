@@ -7,12 +7,12 @@ import numpy as np
 import pytest
 
 from conftest import tiny_config
-from siim_jax.data.builtin import make_builtin_images
 from siim_jax.data.pipeline import TwoViewBatches
-from siim_jax.parallel.sharding import create_mesh, global_batch
-from siim_jax.train.schedules import ema_momentum_fn, learning_rate_fn, training_length
+from siim_jax.data.sources.builtin import make_builtin_images
 from siim_jax.methods import get_method
 from siim_jax.methods.base import weight_decay_mask
+from siim_jax.parallel.sharding import create_mesh, global_batch
+from siim_jax.train.schedules import ema_momentum_fn, learning_rate_fn, training_length
 from siim_jax.train.state import init_train_state
 from siim_jax.train.step import jit_train_step
 
@@ -21,9 +21,10 @@ def run_steps(config, devices, num_steps):
     mesh = create_mesh(config.mesh, devices=devices)
     length = training_length(config, config.data.num_train)
     lr_fn, momentum_fn = learning_rate_fn(config, length), ema_momentum_fn(config, length)
-    graphdef, tx, state, shardings = init_train_state(config, mesh, lr_fn)
+    method = get_method(config)
+    graphdef, tx, state, shardings = init_train_state(method, mesh, lr_fn)
     rules = config.mesh.logical_axis_rules
-    step_fn = jit_train_step(config, graphdef, tx, lr_fn, momentum_fn, mesh, shardings)
+    step_fn = jit_train_step(method, graphdef, tx, lr_fn, momentum_fn, mesh, shardings)
     images, _ = make_builtin_images(config.seed, config.data.num_train, config.data.raw_size)
     batches = TwoViewBatches(images, config.batch_size, config.model.image_size, 8, config.data.num_masked,
                              config.data.crop_min, config.seed)

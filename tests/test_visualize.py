@@ -9,10 +9,10 @@ import numpy as np
 from PIL import Image
 
 from conftest import recipe_config
-from siim_jax.data import visualize
-from siim_jax.data.builtin import make_builtin_images
 from siim_jax.data.pipeline import TwoViewBatches
+from siim_jax.data.sources.builtin import make_builtin_images
 from siim_jax.data.views import view2_patch_centres_in_view1
+from siim_jax.tools import visualize
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -21,8 +21,8 @@ def demo_config(num_train):
     return recipe_config("demo", **{"data.num_train": num_train})
 
 
-def run_tool(*args):
-    return subprocess.run([sys.executable, "-m", "siim_jax.data.visualize", "--config", "configs/demo.py", *args],
+def run_tool(*args, module="siim_jax.tools.visualize"):
+    return subprocess.run([sys.executable, "-m", module, "--config", "configs/demo.py", *args],
                           cwd=REPO, capture_output=True, text=True, timeout=120, check=False)
 
 
@@ -78,7 +78,8 @@ def test_command_draws_the_training_pairs_with_marks_where_the_geometry_puts_the
 
 
 def test_bad_flag_exits_2_with_one_line(tmp_path):
-    result = run_tool("--config.data.crop_mni=0.3", f"--out={tmp_path / 'p.png'}")
+    # under the tool's old name, which users may still type
+    result = run_tool("--config.data.crop_mni=0.3", f"--out={tmp_path / 'p.png'}", module="siim_jax.data.visualize")
     assert result.returncode == 2
     assert "Traceback" not in result.stderr
     lines = result.stderr.strip().splitlines()

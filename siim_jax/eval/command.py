@@ -44,7 +44,7 @@ def run_classifier_command(method: str, module: str) -> None:
             else:
                 state_dict, origin = pretrained_encoder(_PRETRAINED.value, branch)
                 print(f"pretrained encoder: {origin}, {len(state_dict)} arrays", flush=True)
-                initial = with_pretrained_encoder(config, state_dict)
+                initial = with_pretrained_encoder(state_dict)
             record_pretrained(workdir, _PRETRAINED.value, branch)
             summary = train_and_evaluate(config, workdir, initial_weights=initial)
             if method == "finetune" and not summary["interrupted"]:
@@ -73,7 +73,7 @@ def export_finetuned(workdir: str) -> str:
     its path."""
     from siim_jax.interop import classifier_state_dict, load_workdir_state, write_state_dict
 
-    config, state = load_workdir_state(workdir)
+    method, state = load_workdir_state(workdir)
     path = os.path.join(workdir, "finetuned.safetensors")
-    write_state_dict(classifier_state_dict(config, state), path, "safetensors")
+    write_state_dict(classifier_state_dict(method, state), path, "safetensors")
     return path

@@ -18,15 +18,13 @@ import tqdm
 from flax import nnx
 
 from siim_jax.config import ConfigError
-from siim_jax.data.builtin import make_builtin_images
 from siim_jax.data.classification import LabelledBatches
 from siim_jax.data.photometric import normalize
-from siim_jax.data.sources import ArraySource, BadImageError, load_rgb, open_source
+from siim_jax.data.sources import ArraySource, BadImageError, load_rgb, make_builtin_images, open_source
 from siim_jax.data.views import eval_view
 from siim_jax.eval.knn import knn_top1
-from siim_jax.parallel.sharding import (batch_sharding, batch_shards, global_batch, local_rows, owned_rows_mask,
-                                        replicated)
-from siim_jax.train.step import jit_in_mesh
+from siim_jax.parallel.sharding import (batch_sharding, batch_shards, global_batch, jit_in_mesh, local_rows,
+                                        owned_rows_mask, replicated)
 
 log = logging.getLogger(__name__)
 

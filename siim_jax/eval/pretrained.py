@@ -5,7 +5,6 @@ safe import of siim_jax.interop; the encoder goes into the evaluation model's en
 import logging
 import os
 
-import ml_collections
 import numpy as np
 
 from siim_jax.interop import (CheckpointFileError, detect_kind, export_state_dict, import_state_dict,
@@ -29,9 +28,9 @@ def pretrained_encoder(path: str, branch: str = "online") -> tuple[dict[str, np.
     if branch not in ("online", "target"):
         raise CheckpointFileError(f"--encoder={branch!r}: choose online or target")
     if os.path.isdir(path):
-        config, state = load_workdir_state(path)
+        pretraining, state = load_workdir_state(path)
         step = int(state.step)
-        return export_state_dict(config, state, "encoder", branch), f"{path} step {step} ({branch} encoder)"
+        return export_state_dict(pretraining, state, "encoder", branch), f"{path} step {step} ({branch} encoder)"
     state_dict = read_state_dict(path)
     if detect_kind(state_dict) == "full":  # official pretraining state: online keys bare, target under mm_
         if branch == "target":
@@ -43,16 +42,17 @@ def pretrained_encoder(path: str, branch: str = "online") -> tuple[dict[str, np.
     return state_dict, f"{path} ({branch} encoder)"
 
 
-def with_pretrained_encoder(config: ml_collections.ConfigDict, state_dict: dict[str, np.ndarray]):
-    """fresh TrainState -> the same with the encoder from `state_dict` (strict: every encoder key must fit;
-    StateDictMismatchError lists what does not). A final encoder norm (MAE) that the evaluation model does not
-    have is left out, as timm's global_pool='avg' models do; a position table of another grid is resized."""
-    def load(state):
-        wanted = {spec.key for spec in state_layout(config, state, "encoder").specs}
+def with_pretrained_encoder(state_dict: dict[str, np.ndarray]):
+    """The trainer's initial_weights: (method, fresh TrainState) -> the same state with the encoder from
+    `state_dict` (strict: every encoder key must fit; StateDictMismatchError lists what does not). A final
+    encoder norm (MAE) that the evaluation model does not have is left out, as timm's global_pool='avg' models
+    do; a position table of another grid is resized."""
+    def load(method, state):
+        wanted = {spec.key for spec in state_layout(method, state, "encoder").specs}
         unused = sorted(k for k in state_dict if k.startswith("norm.") and k not in wanted)
         if unused:
             log.info("pretrained encoder: leaving out its final norm (%s)", ", ".join(unused))
         kept = {k: v for k, v in state_dict.items() if k not in unused}
-        return import_state_dict(config, state, kept, kind="encoder", log=log.info)
+        return import_state_dict(method, state, kept, kind="encoder", log=log.info)
     return load
 

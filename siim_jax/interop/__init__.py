@@ -2,10 +2,12 @@
 the train state, and a deterministic loss for comparisons with a PyTorch implementation.
 
     from siim_jax import interop
-    config, state = interop.load_workdir_state("/tmp/run")                 # any saved step, any mesh
-    interop.write_state_dict(interop.export_state_dict(config, state), "encoder.safetensors", "safetensors")
-    state = interop.import_state_dict(config, state, interop.read_state_dict("sim_base_1600ep.pth"))
-    interop.pretraining_loss(config, state, batch, with_grads=True)
+    method, state = interop.load_workdir_state("/tmp/run")                 # any saved step, any mesh
+    interop.write_state_dict(interop.export_state_dict(method, state), "encoder.safetensors", "safetensors")
+    state = interop.import_state_dict(method, state, interop.read_state_dict("sim_base_1600ep.pth"))
+    interop.pretraining_loss(method, state, batch, with_grads=True)
+
+`method` is the training method (siim_jax.methods.get_method(config)) whose train state `state` is.
 
 Command lines: python -m siim_jax.export, python -m siim_jax.import_weights.
 """

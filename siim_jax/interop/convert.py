@@ -16,6 +16,7 @@ import numpy as np
 from siim_jax.config import base_config
 from siim_jax.interop.files import CheckpointFileError
 from siim_jax.interop.keys import TO_TORCH, FixedKey, Layout, fixed_value, from_torch, state_layout
+from siim_jax.methods.base import Method
 from siim_jax.models.pos_embed import sincos_2d
 from siim_jax.parallel.sharding import create_mesh
 from siim_jax.train.state import TrainState, abstract_train_state
@@ -28,14 +29,14 @@ class StateDictMismatchError(ValueError):
     """A state dict whose keys, shapes or fixed values do not fit the model; the message lists them all."""
 
 
-def export_state_dict(config: ml_collections.ConfigDict, state: TrainState, kind: str = "encoder",
+def export_state_dict(method: Method, state: TrainState, kind: str = "encoder",
                       branch: str = "online") -> dict[str, np.ndarray]:
-    """PyTorch key -> float32 NumPy array (num_batches_tracked: int64) for `state` in format `kind`.
+    """PyTorch key -> float32 NumPy array (num_batches_tracked: int64) for `state` (of `method`) in format `kind`.
 
     kind "encoder": timm / MAE names of the `branch` encoder, `pos_embed` (1, 1 + N, D) with its zero class row.
     kind "full": the official pretraining model's state_dict() (see siim_jax.interop.keys).
     """
-    layout = state_layout(config, state, kind, branch)
+    layout = state_layout(method, state, kind, branch)
     host = jax.device_get({"params": state.params, "ema_params": state.ema_params,
                            "batch_stats": state.batch_stats})
     out = {}
@@ -45,14 +46,14 @@ def export_state_dict(config: ml_collections.ConfigDict, state: TrainState, kind
                                    order="C")
     step = int(jax.device_get(state.step))
     for fixed in layout.fixed:
-        out[fixed.key] = fixed_value(fixed, config, step)
+        out[fixed.key] = fixed_value(fixed, method, step)
     return out
 
 
-def classifier_state_dict(config: ml_collections.ConfigDict, state: TrainState) -> dict[str, np.ndarray]:
+def classifier_state_dict(method: Method, state: TrainState) -> dict[str, np.ndarray]:
     """A fine-tuned classifier's state as a timm ViT with global_pool='avg': the encoder keys, `fc_norm.*` and
     `head.*` (PyTorch Linear layout)."""
-    out = export_state_dict(config, state, "encoder")
+    out = export_state_dict(method, state, "encoder")
     params = jax.device_get(state.params)
     out["fc_norm.weight"] = np.asarray(params["fc_norm"]["scale"], np.float32)
     out["fc_norm.bias"] = np.asarray(params["fc_norm"]["bias"], np.float32)
@@ -67,9 +68,9 @@ def detect_kind(state_dict: dict) -> str:
     return "full" if full else "encoder"
 
 
-def import_state_dict(config: ml_collections.ConfigDict, state: TrainState, state_dict: dict[str, np.ndarray],
+def import_state_dict(method: Method, state: TrainState, state_dict: dict[str, np.ndarray],
                       kind: str = "auto", allow_partial: bool = False, log=print) -> TrainState:
-    """A copy of `state` with the arrays of `state_dict` (PyTorch names, e.g. from read_state_dict) in it.
+    """A copy of `state` (of `method`) with the arrays of `state_dict` (PyTorch names, e.g. from read_state_dict) in it.
 
     kind "full": every array of the official pretraining state (online, target `mm_*`, BatchNorm running
     statistics); kind "encoder": a timm / MAE encoder, written to the online encoder and (SiameseIM) to the
@@ -79,8 +80,9 @@ def import_state_dict(config: ml_collections.ConfigDict, state: TrainState, stat
     reports the rest through `log`.
     """
     kind = detect_kind(state_dict) if kind == "auto" else kind
-    layout = state_layout(config, state, kind)
-    values, problems = _match(config, layout, state_dict, log)
+    layout = state_layout(method, state, kind)
+    values, problems = _match(method, layout, state_dict, log)
+    config = method.config
     if problems:
         if not allow_partial:
             hint = (f"\nThe keys look like the {detect_kind(state_dict)} format: pass kind='{detect_kind(state_dict)}'"
@@ -110,7 +112,7 @@ def import_state_dict(config: ml_collections.ConfigDict, state: TrainState, stat
     return state.replace(**placed)
 
 
-def _match(config, layout: Layout, state_dict: dict, log) -> tuple[dict[str, np.ndarray], list[str]]:
+def _match(method: Method, layout: Layout, state_dict: dict, log) -> tuple[dict[str, np.ndarray], list[str]]:
     """Our-layout arrays by PyTorch key for every key that fits, and a description of every problem."""
     expected = {s.key: s for s in layout.specs}
     fixed = {f.key: f for f in layout.fixed}
@@ -133,7 +135,7 @@ def _match(config, layout: Layout, state_dict: dict, log) -> tuple[dict[str, np.
             misshaped.append(f"{key}: expected {spec.torch_shape}, found {tuple(array.shape)}")
     for key, f in fixed.items():
         if key in state_dict:
-            shape_problem, value_problem = _check_fixed(f, state_dict[key], config)
+            shape_problem, value_problem = _check_fixed(f, state_dict[key], method)
             if shape_problem:
                 misshaped.append(f"{key}: {shape_problem}")
             if value_problem:
@@ -147,11 +149,11 @@ def _match(config, layout: Layout, state_dict: dict, log) -> tuple[dict[str, np.
     return values, problems
 
 
-def _check_fixed(fixed: FixedKey, array: np.ndarray, config) -> tuple[str | None, str | None]:
+def _check_fixed(fixed: FixedKey, array: np.ndarray, method: Method) -> tuple[str | None, str | None]:
     """(shape problem, value problem) of a stored value of a key we compute ourselves; None where fine."""
     if fixed.kind == "num_batches_tracked":  # a count of forward passes: its value does not matter
         return (None if array.shape == () else f"expected () (a count), found {tuple(array.shape)}"), None
-    ours = fixed_value(fixed, config)
+    ours = fixed_value(fixed, method)
     if fixed.kind == "decoder_pos_embed" and array.shape != ours.shape and _resizable(array.shape, ours.shape):
         grid = math.isqrt(array.shape[1] - 1)  # another resolution: must be the standard table of its own grid
         ours = sincos_2d(ours.shape[-1], grid, class_token=True)[None]
@@ -249,16 +251,19 @@ def _tuples(value):
     return tuple(_tuples(v) for v in value) if isinstance(value, list) else value
 
 
-def load_workdir_state(workdir: str, step: int | None = None) -> tuple[ml_collections.ConfigDict, TrainState]:
-    """(config, train state as host NumPy arrays) of a saved step (default: the newest) of a workdir, whatever
-    mesh it was trained on."""
+def load_workdir_state(workdir: str, step: int | None = None) -> tuple[Method, TrainState]:
+    """(the method the run trained, bound to its recorded config as `method.config`; train state as host NumPy
+    arrays) of a saved step (default: the newest) of a workdir, whatever mesh it was trained on. A recorded run
+    is an entry point: its method is built here."""
+    from siim_jax.methods import get_method
     from siim_jax.train.checkpoint import Checkpointer
 
     config = workdir_config(workdir)
+    method = get_method(config)
     if not os.path.isdir(os.path.join(workdir, "checkpoints")):
         raise CheckpointFileError(f"{workdir} has no checkpoints/ directory")
     mesh = create_mesh({"data": 1, "fsdp": 1, "tensor": 1}, devices=jax.devices()[:1])
-    _, _, abstract, _ = abstract_train_state(config, mesh, lambda step: 0.0)
+    _, _, abstract, _ = abstract_train_state(method, mesh, lambda step: 0.0)
     checkpoints = Checkpointer(workdir, config)
     try:
         steps = sorted(checkpoints.manager.all_steps())
@@ -270,4 +275,4 @@ def load_workdir_state(workdir: str, step: int | None = None) -> tuple[ml_collec
         state = jax.device_get(checkpoints.restore(step, abstract))
     finally:
         checkpoints.close()
-    return config, state
+    return method, state

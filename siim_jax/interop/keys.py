@@ -24,9 +24,9 @@ import jax
 import ml_collections
 import numpy as np
 
-from siim_jax.config import VIT_VARIANTS
-from siim_jax.methods import get_method
+from siim_jax.methods.base import Method
 from siim_jax.models.pos_embed import sincos_2d
+from siim_jax.models.variants import VIT_VARIANTS
 
 TO_TORCH: dict[str, Callable] = {
     "same": lambda a: a,
@@ -120,18 +120,19 @@ def grid_size(config: ml_collections.ConfigDict) -> int:
     return config.model.image_size // VIT_VARIANTS[config.model.variant][3]
 
 
-def fixed_value(fixed: FixedKey, config: ml_collections.ConfigDict, step: int = 0) -> np.ndarray:
-    """The value a PyTorch model of this config stores under a fixed key (num_batches_tracked: BatchNorm
+def fixed_value(fixed: FixedKey, method: Method, step: int = 0) -> np.ndarray:
+    """The value a PyTorch model of this method stores under a fixed key (num_batches_tracked: BatchNorm
     forward passes in train mode, one per micro-batch of each step)."""
+    config = method.config
     if fixed.kind == "decoder_pos_embed":
-        return sincos_2d(get_method(config).decoder_width, grid_size(config), class_token=True)[None]
+        return sincos_2d(method.decoder_width, grid_size(config), class_token=True)[None]
     if fixed.kind == "num_batches_tracked":
         return np.asarray(step * config.grad_accum_steps, np.int64)
     return (np.ones if fixed.kind == "ones" else np.zeros)(fixed.torch_shape, np.float32)
 
 
-def state_layout(config: ml_collections.ConfigDict, state, kind: str, branch: str = "online") -> Layout:
-    """The PyTorch keys of `state` (a TrainState of arrays or ShapeDtypeStructs) in format `kind`.
+def state_layout(method: Method, state, kind: str, branch: str = "online") -> Layout:
+    """The PyTorch keys of `state` (a TrainState of `method`, arrays or ShapeDtypeStructs) in format `kind`.
 
     branch ("online" | "target") picks the encoder that kind="encoder" reads; an import of that kind writes the
     online encoder and, for SiameseIM, the target encoder too (the target is an exact copy at step 0).
@@ -140,7 +141,6 @@ def state_layout(config: ml_collections.ConfigDict, state, kind: str, branch: st
         raise ValueError(f"unknown checkpoint kind {kind!r}: choose 'encoder' or 'full'")
     if branch not in ("online", "target"):
         raise ValueError(f"unknown branch {branch!r}: choose 'online' or 'target'")
-    method = get_method(config)
     if not method.has_target and branch == "target":
         raise ValueError(f"the {method.name} method has no target branch: use branch 'online'")
     if kind == "encoder":
@@ -181,9 +181,9 @@ def state_layout(config: ml_collections.ConfigDict, state, kind: str, branch: st
     for path, shape in _leaves(state.ema_params):
         if path != ("encoder", "pos_embed"):
             add("ema_params", path, shape, target=True)
-    dd, grid = method.decoder_width, grid_size(config)
+    dd, grid = method.decoder_width, grid_size(method.config)
     fixed.append(FixedKey("decoder_pos_embed", (1, 1 + grid * grid, dd), "decoder_pos_embed"))
-    if method.has_target and config.model.online_ln:  # the official frozen LayerNorm on the predictions: 1 and 0
+    if method.has_target and method.config.model.online_ln:  # the official frozen LayerNorm on the predictions: 1 and 0
         fixed += [FixedKey("student_norm.weight", (dd,), "ones"), FixedKey("student_norm.bias", (dd,), "zeros")]
     return Layout("full", tuple(specs), tuple(fixed))
 

@@ -6,19 +6,18 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from siim_jax.config import VIT_VARIANTS
 from siim_jax.interop.keys import TO_TORCH, state_layout
-from siim_jax.parallel.sharding import create_mesh, replicated
-from siim_jax.methods import get_method
 from siim_jax.methods.pretraining import SiameseMethod
+from siim_jax.models.variants import VIT_VARIANTS
+from siim_jax.parallel.sharding import create_mesh, jit_in_mesh, replicated
 from siim_jax.train.state import TrainState, abstract_model
-from siim_jax.train.step import jit_in_mesh
 
 
-def pretraining_loss(config: ml_collections.ConfigDict, state: TrainState, batch: dict, with_grads: bool = False,
+def pretraining_loss(method: SiameseMethod, state: TrainState, batch: dict, with_grads: bool = False,
                      mesh=None) -> dict:
     """SiameseIM loss (SPEC section 3) of `state`'s weights on `batch`, deterministically.
 
+    method: the SiameseIM method (get_method(config)) whose train state `state` is.
     state: a TrainState (e.g. from init_train_state, import_state_dict or load_workdir_state); its online
       params, its target (EMA) params as they are (no EMA update) and its BatchNorm statistics are used.
     batch: view1, view2 (N, S, S, 3) float32, already augmented and normalised (NHWC, S = image size);
@@ -29,13 +28,13 @@ def pretraining_loss(config: ml_collections.ConfigDict, state: TrainState, batch
     weights under the official key names (patch embedding and position tables are frozen and left out).
     Runs on `mesh` (default: one device); BatchNorm and the loss use the whole batch either way.
     """
-    method = get_method(config)
+    config = method.config
     if not isinstance(method, SiameseMethod):
         raise ValueError(f"pretraining_loss computes the SiameseIM loss; config.model.loss_type is "
                          f"{config.model.loss_type!r}")
     inputs = _validated_batch(config, batch)
     mesh = mesh or create_mesh({"data": 1, "fsdp": 1, "tensor": 1}, devices=jax.devices()[:1])
-    graphdef, _, _ = abstract_model(config)
+    graphdef, _, _ = abstract_model(method)
     loss_fn = method.make_augmented_loss_fn(graphdef)
     if with_grads:
         loss_fn = jax.value_and_grad(loss_fn, has_aux=True)
@@ -47,7 +46,7 @@ def pretraining_loss(config: ml_collections.ConfigDict, state: TrainState, batch
     result = {"loss": float(loss), "batch_stats": new_stats}
     if with_grads:
         labels = method.trainable_labels(grads)
-        layout = state_layout(config, state.replace(params=grads), "full")
+        layout = state_layout(method, state.replace(params=grads), "full")
         result["grads"] = {}
         for spec in layout.specs:
             collection, path = spec.locations[0]

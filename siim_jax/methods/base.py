@@ -14,6 +14,9 @@ import numpy as np
 import optax
 from flax import nnx
 
+from siim_jax.config import ConfigError
+from siim_jax.models.variants import VIT_VARIANTS
+
 FIXED_POSITION_TABLE = "pos_embed"  # the encoder's position table: a parameter, never trained
 
 # loss_fn(params, ema_params, batch_stats, batch, key) -> (scalar loss, new batch_stats); differentiable in params
@@ -46,6 +49,21 @@ class Method:
 
     def __init__(self, config: ml_collections.ConfigDict):
         self.config = config
+        self.check_config()
+
+    def check_config(self) -> None:
+        """Raises ConfigError for an encoder variant, image size or mask count that this model cannot take
+        (the generic checks are config.validate's)."""
+        c, m = self.config, self.config.model
+        if m.variant not in VIT_VARIANTS:
+            raise ConfigError(f"config.model.variant={m.variant!r}: choose one of {sorted(VIT_VARIANTS)}")
+        patch = VIT_VARIANTS[m.variant][3]
+        if m.image_size % patch:
+            raise ConfigError(f"config.model.image_size={m.image_size} is not a multiple of the patch size {patch}")
+        num_patches = (m.image_size // patch) ** 2
+        if not 0 < c.data.num_masked < num_patches:
+            raise ConfigError(f"config.data.num_masked={c.data.num_masked} must lie in (0, {num_patches}) "
+                              f"for {m.image_size}px images with {patch}px patches")
 
     # --- model and parameters -----------------------------------------------------------------------------
     def create_model(self, seed: int) -> nnx.Module:

@@ -11,16 +11,16 @@ import numpy as np
 import optax
 from flax import nnx
 
-from siim_jax.config import VIT_VARIANTS
 from siim_jax.data.classification import LabelledBatches
 from siim_jax.data.finetune_augment import (mixup_cutmix, random_erasing, smooth_one_hot,
                                             soft_target_cross_entropy)
 from siim_jax.data.photometric import normalize
 from siim_jax.data.randaugment import rand_augment
 from siim_jax.methods.base import Method, path_names
-from siim_jax.models.classifier import FinetuneClassifier, LinearProbeClassifier
-from siim_jax.perf.flops import block_flops, patch_embed_flops
 from siim_jax.methods.optimizers import finetune_optimizer, lars
+from siim_jax.models.classifier import FinetuneClassifier, LinearProbeClassifier
+from siim_jax.models.flops import block_flops, patch_embed_flops
+from siim_jax.models.variants import VIT_VARIANTS
 
 
 class ClassificationMethod(Method):

@@ -9,14 +9,14 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from siim_jax.config import VIT_VARIANTS
-from siim_jax.data.pipeline import TwoViewBatches
 from siim_jax.data.photometric import augment_view1, augment_view2, normalize
+from siim_jax.data.pipeline import TwoViewBatches
 from siim_jax.losses import unigrad_loss
 from siim_jax.methods.base import Method, frozen_patch_embed_labels, pretraining_optimizer
+from siim_jax.models.flops import block_flops, patch_embed_flops
 from siim_jax.models.mae import MAE
 from siim_jax.models.siamese import SiameseIM
-from siim_jax.perf.flops import block_flops, patch_embed_flops
+from siim_jax.models.variants import VIT_VARIANTS
 
 class PretrainingMethod(Method):
     def batch_spec(self, batch_size):

@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import ml_collections
 from flax import nnx
 
-from siim_jax.config import VIT_VARIANTS
+from siim_jax.models.variants import VIT_VARIANTS
 from siim_jax.models.vit import BatchNorm, VisionTransformer, layer_norm
 
 

@@ -6,8 +6,8 @@ import jax.numpy as jnp
 import ml_collections
 from flax import nnx
 
-from siim_jax.config import VIT_VARIANTS
 from siim_jax.models.pos_embed import sincos_2d
+from siim_jax.models.variants import VIT_VARIANTS
 from siim_jax.models.vit import TOKENS, Block, VisionTransformer, dense, layer_norm, token_init
 from siim_jax.parallel.sharding import constrain
 

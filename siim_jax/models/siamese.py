@@ -9,8 +9,8 @@ import jax.numpy as jnp
 import ml_collections
 from flax import nnx
 
-from siim_jax.config import VIT_VARIANTS
 from siim_jax.models.pos_embed import relative_position_embedding, sincos_2d
+from siim_jax.models.variants import VIT_VARIANTS
 from siim_jax.models.vit import TOKENS, Block, VisionTransformer, dense, token_init
 from siim_jax.parallel.sharding import constrain
 

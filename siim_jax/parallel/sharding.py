@@ -101,6 +101,23 @@ def sharding_context(mesh: Mesh, rules):
         _activation_rules = previous
 
 
+def jit_in_mesh(fn, mesh, rules, **jit_kwargs):
+    """jax.jit(fn, **jit_kwargs), traced and run inside sharding_context(mesh, rules); `.lower(*args)` lowers it
+    there too (arguments may be ShapeDtypeStructs with shardings, for ahead-of-time compiles)."""
+    jitted = jax.jit(fn, **jit_kwargs)
+
+    def call(*args):
+        with sharding_context(mesh, rules):
+            return jitted(*args)
+
+    def lower(*args):
+        with sharding_context(mesh, rules):
+            return jitted.lower(*args)
+
+    call.lower = lower
+    return call
+
+
 def constrain(x, logical: tuple):
     """Pins activation `x` to the sharding its logical axes map to (no-op outside sharding_context).
 

@@ -6,11 +6,10 @@ import math
 import re
 
 import jax
-import ml_collections
 import numpy as np
 
 from siim_jax.config import ConfigError
-from siim_jax.methods import get_method
+from siim_jax.methods.base import Method
 from siim_jax.parallel.sharding import batch_sharding, batch_shards, create_mesh
 from siim_jax.train.schedules import ema_momentum_fn, learning_rate_fn, training_length
 from siim_jax.train.state import abstract_train_state
@@ -26,9 +25,10 @@ class StepPlan:
     learning_rate: object
 
 
-def plan_train_step(config: ml_collections.ConfigDict, devices=None) -> StepPlan:
-    """The train step of `config` on a mesh over `devices` (default: all), with abstract state and batch;
+def plan_train_step(method: Method, devices=None) -> StepPlan:
+    """The train step of `method` on a mesh over `devices` (default: all), with abstract state and batch;
     nothing is allocated. Raises ConfigError for a mesh or batch size that does not fit the devices."""
+    config = method.config
     mesh = create_mesh(config.mesh, devices)
     rules = config.mesh.logical_axis_rules
     shards = batch_shards(mesh, rules)
@@ -37,10 +37,10 @@ def plan_train_step(config: ml_collections.ConfigDict, devices=None) -> StepPlan
                           f"times config.grad_accum_steps={config.grad_accum_steps}")
     length = training_length(config, max(config.data.num_train, config.batch_size))
     lr_fn, momentum_fn = learning_rate_fn(config, length), ema_momentum_fn(config, length)
-    graphdef, tx, abstract_state, shardings = abstract_train_state(config, mesh, lr_fn)
-    step = jit_train_step(config, graphdef, tx, lr_fn, momentum_fn, mesh, shardings)
+    graphdef, tx, abstract_state, shardings = abstract_train_state(method, mesh, lr_fn)
+    step = jit_train_step(method, graphdef, tx, lr_fn, momentum_fn, mesh, shardings)
     batch = {k: jax.ShapeDtypeStruct(shape, dtype, sharding=batch_sharding(mesh, rules, len(shape)))
-             for k, (shape, dtype) in get_method(config).batch_spec(config.batch_size).items()}
+             for k, (shape, dtype) in method.batch_spec(config.batch_size).items()}
     return StepPlan(mesh, step, abstract_state, batch, lr_fn)
 
 
@@ -98,8 +98,8 @@ def collective_bytes(hlo_text: str) -> dict:
     return totals
 
 
-def synthetic_batch(config: ml_collections.ConfigDict, plan: StepPlan, seed: int = 0) -> dict:
+def synthetic_batch(method: Method, plan: StepPlan, seed: int = 0) -> dict:
     """A valid random train batch of the method (siim_jax/methods) in the step's shardings: the default input of
     the step benchmark, so that it times the step and nothing else."""
-    arrays = get_method(config).synthetic_batch(config.batch_size, np.random.default_rng(seed))
+    arrays = method.synthetic_batch(method.config.batch_size, np.random.default_rng(seed))
     return {k: jax.device_put(v, plan.abstract_batch[k].sharding) for k, v in arrays.items()}

@@ -1,14 +1,16 @@
 """Benchmark of the host side of the input pipeline: decode, two flipped random resized crops, relative geometry,
 block mask (the photometric augmentation runs on the accelerator, inside the train step).
 
-    python -m siim_jax.data.bench --make-jpegs /tmp/bench_jpegs            # 1000 photo-like 500x375 JPEGs
-    python -m siim_jax.data.bench --source imagefolder:/tmp/bench_jpegs --batch 64 --steps 20 [--baseline]
+    python -m siim_jax.tools.bench_input --make-jpegs /tmp/bench_jpegs            # 1000 photo-like 500x375 JPEGs
+    python -m siim_jax.tools.bench_input --source imagefolder:/tmp/bench_jpegs --batch 64 --steps 20 [--baseline]
 
 Ends with `images_per_sec_per_core: <number>`: images per second of process CPU time, which is the host
 images/s divided by the cores it kept busy. `--baseline` first times the same images through the official code's
 host-side work (PIL decode; torchvision flip, random resized crop, colour jitter, grayscale; PIL Gaussian blur and
 solarise; ToTensor and Normalize; the block mask; collation into batches) in a torch DataLoader with one worker
-process, CPU time of both processes counted; it needs torchvision. Both sides use the same block-mask generator (the BEiT algorithm of SPEC section 1).
+process, CPU time of both processes counted; it needs torchvision. Both sides use the same block-mask generator
+(the BEiT algorithm of SPEC section 1). Also installed as `siim-jax-bench-input`; the old name
+`python -m siim_jax.data.bench` still works.
 """
 
 import argparse
@@ -120,7 +122,7 @@ def _report(name: str, r: dict, cores: int) -> float:
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m siim_jax.data.bench", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m siim_jax.tools.bench_input", description=__doc__.split("\n")[0])
     parser.add_argument("--source", help="builtin | imagefolder:<root> | tfds:<name>")
     parser.add_argument("--split", default="train")
     parser.add_argument("--tfds-data-dir", default="")
@@ -139,7 +141,7 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
 
     if args.make_jpegs:
-        from siim_jax.data.synthetic import write_image_folder
+        from siim_jax.tools.make_jpegs import write_image_folder
         classes = 10
         write_image_folder(args.make_jpegs, classes, -(-args.count // classes))
         print(f"wrote {classes * -(-args.count // classes)} JPEGs under {args.make_jpegs}/train; benchmark them "

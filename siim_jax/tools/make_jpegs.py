@@ -1,7 +1,9 @@
-"""Photo-like colour JPEGs in the image-folder layout, for tests and the input-pipeline benchmark (no downloads).
+"""Photo-like colour JPEGs in the image-folder layout, for tests and the input-pipeline benchmark (no downloads;
+`python -m siim_jax.tools.bench_input --make-jpegs DIR` writes them).
 
-The images are smooth colour fields with a few coloured shapes and fine noise (sigma 10), saved at JPEG quality 90 with
-4:2:0 chroma subsampling, so their file sizes (~65 KB at 500x375; ImageNet averages ~110 KB) and decode cost resemble ImageNet photos.
+The images are smooth colour fields with a few coloured shapes and fine noise (sigma 10), saved at JPEG quality 90
+with 4:2:0 chroma subsampling, so their file sizes (~65 KB at 500x375; ImageNet averages ~110 KB) and decode cost
+resemble ImageNet photos.
 """
 
 import os

@@ -1,6 +1,6 @@
 """Draws sampled training pairs so that a person can check the relative geometry by eye.
 
-    python -m siim_jax.data.visualize --config configs/demo.py --out pairs.png [--num 8] [--step 0] [--scale 3]
+    python -m siim_jax.tools.visualize --config configs/demo.py --out pairs.png [--num 8] [--step 0] [--scale 3]
         [--config.key=value ...]
 
 The pairs are the first `--num` examples of the step-`--step` batch that training draws with this config (same
@@ -12,7 +12,8 @@ One row per pair, three panels:
       formula of the model's relative embedding) puts them, and view 2's footprint outlined. A centre outside
       view 1 is drawn as a triangle in the border band, pointing towards where it lies (slid along the band
       when several would land on the same spot).
-If the geometry is right, each coloured mark in (c) sits on the same image content as in (b).
+If the geometry is right, each coloured mark in (c) sits on the same image content as in (b). Also installed as
+`siim-jax-visualize`; the old name `python -m siim_jax.data.visualize` still works.
 """
 
 import os
@@ -28,8 +29,10 @@ from siim_jax.cli import fail, flags_parser
 from siim_jax.data.pipeline import TooManyBadImagesError, TwoViewBatches
 from siim_jax.data.sources import SourceError, open_source
 from siim_jax.data.views import view2_patch_centres_in_view1
+from siim_jax.methods import get_method
+from siim_jax.models.variants import VIT_VARIANTS
 
-USAGE = ("usage: python -m siim_jax.data.visualize --config configs/<recipe>.py --out <file.png> [--num 8] "
+USAGE = ("usage: python -m siim_jax.tools.visualize --config configs/<recipe>.py --out <file.png> [--num 8] "
          "[--step 0] [--scale N] [--config.key=value ...]")
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Recipe file in configs/.", lock_config=True)
@@ -93,9 +96,10 @@ def sample_pairs(config, num: int, step: int) -> dict:
     computed for those rows only.
     """
     config_lib.validate(config)
+    get_method(config)  # what the model cannot take (variant, patches, masked count) fails here, as in training
     if not 0 < num <= config.batch_size:
         raise ValueError(f"num={num} must be in [1, config.batch_size={config.batch_size}]")
-    patch_size = config_lib.VIT_VARIANTS[config.model.variant][3]
+    patch_size = VIT_VARIANTS[config.model.variant][3]
     source = open_source(config.data, config.seed)
     batches = TwoViewBatches(source, config.batch_size, config.model.image_size, patch_size,
                              config.data.num_masked, config.data.crop_min, config.seed, num_threads=1)
@@ -255,6 +259,7 @@ def main(argv):
 
 
 def run():
+    """Console-script entry point (`siim-jax-visualize`)."""
     app.run(main, flags_parser=flags_parser(USAGE))
 
 

@@ -123,20 +123,22 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, stop_at_
     checkpoint. Returns a summary dict.
 
     stop_at_step: behave as if interrupted once that many steps are done (save, return), for resumable jobs
-    with a step budget per allocation. initial_weights: fresh TrainState -> TrainState, applied when the run
-    starts from step 0 (a resume restores the checkpoint instead), e.g. to put a pretrained encoder in.
+    with a step budget per allocation. initial_weights: (method, fresh TrainState) -> TrainState, applied when
+    the run starts from step 0 (a resume restores the checkpoint instead), e.g. to put a pretrained encoder in.
     """
     config_lib.validate(config)
+    method = get_method(config)  # the one method object of the run; everything below receives it
     if "://" in workdir:
         raise config_lib.ConfigError(
             f"--workdir {workdir}: object-store workdirs (gs://, s3://) are not supported yet; use a directory on "
             "a file system every process sees (local disk for one host; NFS, Lustre or a gcsfuse mount for many)")
     os.makedirs(workdir, exist_ok=True)
     with WorkdirLock(workdir, enabled=jax.process_index() == 0):
-        return _train_in_locked_workdir(config, workdir, stop_at_step, initial_weights)
+        return _train_in_locked_workdir(method, workdir, stop_at_step, initial_weights)
 
 
-def _train_in_locked_workdir(config, workdir: str, stop_at_step: int | None, initial_weights) -> dict:
+def _train_in_locked_workdir(method, workdir: str, stop_at_step: int | None, initial_weights) -> dict:
+    config = method.config
     if jax.process_index() == 0:
         with open(os.path.join(workdir, "config.json"), "w") as f:
             f.write(config.to_json_best_effort(indent=2))
@@ -148,7 +150,6 @@ def _train_in_locked_workdir(config, workdir: str, stop_at_step: int | None, ini
         raise config_lib.ConfigError(
             f"config.batch_size={config.batch_size} must be divisible by the {data_shards} data shards times "
             f"config.grad_accum_steps={config.grad_accum_steps}")
-    method = get_method(config)
     source = open_source(config.data, config.seed)
     if len(source) < config.batch_size:
         raise config_lib.ConfigError(
@@ -162,13 +163,13 @@ def _train_in_locked_workdir(config, workdir: str, stop_at_step: int | None, ini
     length = training_length(config, len(source))
     lr_fn, momentum_fn = learning_rate_fn(config, length), ema_momentum_fn(config, length)
     checkpoints = Checkpointer(workdir, config)
-    graphdef, tx, abstract_state, shardings = abstract_train_state(config, mesh, lr_fn)
+    graphdef, tx, abstract_state, shardings = abstract_train_state(method, mesh, lr_fn)
     restored = checkpoints.restore_newest(abstract_state)  # straight into the shardings, nothing allocated first
     if restored is None:
         resume_step, counters = None, {}
-        _, _, state, _ = init_train_state(config, mesh, lr_fn)
+        _, _, state, _ = init_train_state(method, mesh, lr_fn)
         if initial_weights is not None:
-            state = initial_weights(state)
+            state = initial_weights(method, state)
     else:
         resume_step, state, counters = restored
         log.info("resumed from %s", checkpoints.path(resume_step))
@@ -178,7 +179,7 @@ def _train_in_locked_workdir(config, workdir: str, stop_at_step: int | None, ini
     skipped_before = int(counters.get("data_skipped_total", 0))
     skipped_here = 0  # this process's share since this run started; summed over processes when logged or saved
 
-    train_step = jit_train_step(config, graphdef, tx, lr_fn, momentum_fn, mesh, shardings)
+    train_step = jit_train_step(method, graphdef, tx, lr_fn, momentum_fn, mesh, shardings)
 
     evaluators = build_evaluators(config, method, graphdef, mesh, shardings, source)
 

@@ -6,12 +6,11 @@ from typing import Any
 import flax
 import jax
 import jax.numpy as jnp
-import ml_collections
 import optax
 from flax import nnx
 from jax.sharding import Mesh
 
-from siim_jax.methods import get_method
+from siim_jax.methods.base import Method
 from siim_jax.parallel.sharding import replicated, state_shardings
 
 
@@ -31,32 +30,33 @@ def all_finite(tree) -> jax.Array:
     return jnp.all(jnp.stack(leaves)) if leaves else jnp.array(True)
 
 
-def abstract_model(config: ml_collections.ConfigDict):
-    """(graphdef, abstract nnx Param state, abstract nnx BatchStat state), no arrays allocated."""
-    method = get_method(config)
+def abstract_model(method: Method):
+    """(graphdef, abstract nnx Param state, abstract nnx BatchStat state) of the method's model, no arrays
+    allocated."""
     return nnx.split(nnx.eval_shape(lambda: method.create_model(0)), nnx.Param, nnx.BatchStat)
 
 
-def init_train_state(config: ml_collections.ConfigDict, mesh: Mesh, learning_rate):
-    """Creates the train state directly in its shardings. Returns (graphdef, optimiser, state, shardings)."""
-    graphdef, tx, init, shardings = _plan_train_state(config, mesh, learning_rate)
+def init_train_state(method: Method, mesh: Mesh, learning_rate):
+    """Creates the method's train state directly in its shardings. Returns (graphdef, optimiser, state,
+    shardings)."""
+    graphdef, tx, init, shardings = _plan_train_state(method, mesh, learning_rate)
     state = jax.jit(init, out_shardings=shardings)()
     return graphdef, tx, state, shardings
 
 
-def abstract_train_state(config: ml_collections.ConfigDict, mesh: Mesh, learning_rate):
+def abstract_train_state(method: Method, mesh: Mesh, learning_rate):
     """Like init_train_state, but allocates nothing: the state is ShapeDtypeStructs carrying their shardings
     (a restore target). Returns (graphdef, optimiser, abstract state, shardings)."""
-    graphdef, tx, init, shardings = _plan_train_state(config, mesh, learning_rate)
+    graphdef, tx, init, shardings = _plan_train_state(method, mesh, learning_rate)
     abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
                             jax.eval_shape(init), shardings)
     return graphdef, tx, abstract, shardings
 
 
-def _plan_train_state(config: ml_collections.ConfigDict, mesh: Mesh, learning_rate):
+def _plan_train_state(method: Method, mesh: Mesh, learning_rate):
     """(graphdef, optimiser, init function returning the TrainState, the state's shardings)."""
-    method = get_method(config)
-    graphdef, abstract_params, abstract_stats = abstract_model(config)
+    config = method.config
+    graphdef, abstract_params, abstract_stats = abstract_model(method)
     param_sh, ema_sh = method.split_params(state_shardings(abstract_params, mesh, config.mesh.logical_axis_rules))
     stats_sh = state_shardings(abstract_stats, mesh, config.mesh.logical_axis_rules)
     tx = method.make_optimizer(method.split_params(nnx.to_pure_dict(abstract_params))[0], learning_rate)

@@ -7,12 +7,10 @@ photometric augmentation, online predictions and target representations, UniGrad
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import optax
 
-from siim_jax.methods import get_method
-from siim_jax.methods.base import FIXED_POSITION_TABLE
-from siim_jax.parallel.sharding import batch_sharding, replicated, sharding_context
+from siim_jax.methods.base import FIXED_POSITION_TABLE, Method
+from siim_jax.parallel.sharding import batch_sharding, jit_in_mesh, replicated
 from siim_jax.train.state import TrainState, all_finite
 
 
@@ -26,16 +24,15 @@ def ema_update(ema_params, online_params, momentum):
     return jax.tree_util.tree_map_with_path(update, ema_params, online_params)
 
 
-def make_train_step(config: ml_collections.ConfigDict, graphdef, tx: optax.GradientTransformation,
-                    learning_rate, ema_momentum):
-    """Returns train_step(state, batch) -> (state, metrics) for jax.jit with the state donated.
+def make_train_step(method: Method, graphdef, tx: optax.GradientTransformation, learning_rate, ema_momentum):
+    """Returns train_step(state, batch) -> (state, metrics) of `method` for jax.jit with the state donated.
 
     batch: dict of global arrays with leading dim config.batch_size (siim_jax.data.pipeline). With
     config.grad_accum_steps = A, it is split into A micro-batches (example i goes to micro-batch i % A, so each
     device keeps its own examples); gradients and losses are averaged, BatchNorm statistics are per micro-batch,
     and there is one EMA update and one optimiser step.
     """
-    method = get_method(config)
+    config = method.config
     grad_fn = jax.value_and_grad(method.make_loss_fn(graphdef), has_aux=True)
     accum = config.grad_accum_steps
     base_key = jax.random.key(config.seed)
@@ -73,28 +70,10 @@ def make_train_step(config: ml_collections.ConfigDict, graphdef, tx: optax.Gradi
     return train_step
 
 
-def jit_in_mesh(fn, mesh, rules, **jit_kwargs):
-    """jax.jit(fn, **jit_kwargs), traced and run inside sharding_context(mesh, rules); `.lower(*args)` lowers it
-    there too (arguments may be ShapeDtypeStructs with shardings, for ahead-of-time compiles)."""
-    jitted = jax.jit(fn, **jit_kwargs)
-
-    def call(*args):
-        with sharding_context(mesh, rules):
-            return jitted(*args)
-
-    def lower(*args):
-        with sharding_context(mesh, rules):
-            return jitted.lower(*args)
-
-    call.lower = lower
-    return call
-
-
-def jit_train_step(config: ml_collections.ConfigDict, graphdef, tx, learning_rate, ema_momentum, mesh,
-                   state_shardings):
+def jit_train_step(method: Method, graphdef, tx, learning_rate, ema_momentum, mesh, state_shardings):
     """The train step under jit with explicit shardings (state donated): (state, batch) -> (state, metrics)."""
-    rules = config.mesh.logical_axis_rules
-    batch_sh = {k: batch_sharding(mesh, rules, n) for k, n in get_method(config).batch_ndims.items()}
-    return jit_in_mesh(make_train_step(config, graphdef, tx, learning_rate, ema_momentum), mesh, rules,
+    rules = method.config.mesh.logical_axis_rules
+    batch_sh = {k: batch_sharding(mesh, rules, n) for k, n in method.batch_ndims.items()}
+    return jit_in_mesh(make_train_step(method, graphdef, tx, learning_rate, ema_momentum), mesh, rules,
                        in_shardings=(state_shardings, batch_sh), out_shardings=(state_shardings, replicated(mesh)),
                        donate_argnums=(0,))

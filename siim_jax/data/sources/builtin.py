@@ -6,9 +6,18 @@ five texture families cover the image. Foreground and background are two grey le
 randomly assigned), with mild noise. There is no colour on purpose: with two flat colours per image the colour
 pair identifies an image across its two views far more easily than its shape, and a short dense
 self-supervised run then learns the colour pair instead of the structure (k-NN stays where it started).
+
+`config.data.source = "builtin"`: `config.data.num_train` of them for training, `config.data.num_val` more for
+validation.
 """
 
+import logging
+
 import numpy as np
+
+from siim_jax.data.sources.base import ArraySource, register_source
+
+log = logging.getLogger(__name__)
 
 NUM_FAMILIES = 10  # disc, square, triangle, ring, cross, h-stripes, v-stripes, checkerboard, diag-stripes, dots
 
@@ -88,3 +97,19 @@ def make_builtin_images(seed: int, num_images: int, image_size: int, num_classes
         images[n] = np.clip(np.round(image * 255), 0, 255).astype(np.uint8)[..., None]
         labels[n] = label
     return images, labels
+
+
+@register_source("builtin")
+def open_builtin(location: str, data_config, seed: int, split: str) -> ArraySource:
+    """Training: images 0 .. num_train-1 of the stream of `seed`; validation: the num_val images after them (the
+    k-NN monitor's queries are drawn the same way)."""
+    if split == "train":
+        log.info("generating %d built-in images", data_config.num_train)
+        images, labels = make_builtin_images(seed, data_config.num_train, data_config.raw_size,
+                                             data_config.num_classes)
+        return ArraySource(images, labels, "builtin", num_classes=data_config.num_classes)
+    num_val = data_config.num_val
+    log.info("generating %d held-out built-in images", num_val)
+    images, labels = make_builtin_images(seed, num_val, data_config.raw_size, data_config.num_classes,
+                                         offset=data_config.num_train)
+    return ArraySource(images, labels, "builtin:validation", num_classes=data_config.num_classes)

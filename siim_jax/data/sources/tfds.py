@@ -19,9 +19,11 @@ import os
 
 import numpy as np
 
-from siim_jax.data.sources import BadImageError, SourceError
+from siim_jax.data.sources.base import BadImageError, SourceError, register_source
 
 log = logging.getLogger(__name__)
+
+VALIDATION = "validation"  # ImageNet's name in TFDS
 
 
 def _first_line(error: BaseException, limit: int = 300) -> str:
@@ -180,3 +182,13 @@ class TfdsSource:
     def label(self, index: int) -> int | None:
         """The class id of example `index`, or None when the dataset has no `label` ClassLabel feature."""
         return None if self.label_key is None else int(self._example(index)[self.label_key])
+
+
+@register_source("tfds")
+def open_tfds(location: str, data_config, seed: int, split: str) -> TfdsSource:
+    """Split `config.data.split` of the TFDS dataset `location` for training, its split "validation" for
+    validation."""
+    if split == "train":
+        return TfdsSource(location, data_config.split, data_config.tfds_data_dir)
+    return TfdsSource(location, VALIDATION, data_config.tfds_data_dir,
+                      missing_split=f"no validation split (looked for the TFDS split {VALIDATION!r})")

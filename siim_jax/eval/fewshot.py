@@ -1,0 +1,142 @@
+"""MSN's 1% few-shot protocol (SPEC section 5), the logic of `python -m siim_jax.fewshot`: the class token of
+the last block (config.fewshot.feature) of the training subset and of the validation split (resize 256 + centre
+crop, no augmentation), centred and L2-normalised with the subset's statistics, then multinomial logistic
+regression with L2 penalty lambda / n_train solved on device (L-BFGS, siim_jax/eval/logistic.py).
+"""
+
+import json
+import logging
+import os
+import time
+
+from absl import app, flags
+
+from siim_jax.cli import EXIT_USAGE, fail, flags_parser
+from siim_jax.eval import command  # --pretrained, --encoder
+from siim_jax.train import main as train_main  # --config, --workdir and the multi-process flags
+
+USAGE = ("usage: python -m siim_jax.fewshot --config configs/fewshot_<recipe>.py --pretrained <workdir | .pth | "
+         ".safetensors | none> --workdir <dir> [--encoder online|target] [--config.key=value ...]")
+log = logging.getLogger("siim_jax.fewshot")
+
+
+def encoder_features(config, feature_fn, state, source, mesh):
+    """feature_fn's features of every image of `source` (eval crop), on device: (features (M, D), labels (M,),
+    valid (M,)) sharded along M (M >= len(source): padded; undecodable images are valid=False)."""
+    from siim_jax.data.classification import LabelledBatches
+    from siim_jax.eval.evaluators import batch_features, padded_batch_size, progress
+    from siim_jax.parallel.sharding import local_rows, owned_rows_mask
+
+    rules = config.mesh.logical_axis_rules
+    batch = padded_batch_size(config.fewshot.batch_size, mesh, rules)
+    batches = LabelledBatches(source, batch, config.model.image_size, config.seed, train=False,
+                              rows=local_rows(mesh, rules, batch), owned=owned_rows_mask(mesh, rules, batch),
+                              num_threads=config.data.threads)
+
+    def host_batches():
+        for host, skipped in progress(batches.iterate(0), "features", batches.num_steps):
+            for what in skipped:
+                log.warning("few-shot: skipping undecodable %s", what)
+            yield host
+
+    return batch_features(feature_fn, state, host_batches(), batch, mesh, rules)
+
+
+def evaluate_few_shot(config, workdir: str, pretrained: str, branch: str) -> dict:
+    """Runs the protocol; returns the summary dict (also appended to <workdir>/metrics.jsonl)."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from siim_jax.config import ConfigError, validate
+    from siim_jax.data.sources import SubsetSource, open_source
+    from siim_jax.eval.evaluators import make_feature_fn
+    from siim_jax.eval.logistic import centre_and_normalise, few_shot_subset, fit_logistic_regression
+    from siim_jax.eval.pretrained import pretrained_encoder, with_pretrained_encoder
+    from siim_jax.methods import get_method
+    from siim_jax.parallel.sharding import create_mesh
+    from siim_jax.train.state import init_train_state
+    from siim_jax.train.workdir_lock import WorkdirLock
+
+    validate(config)
+    method = get_method(config)
+    f = config.fewshot
+    if (f.per_class > 0) == bool(f.subset_file):
+        raise ConfigError(f"set exactly one of config.fewshot.per_class (now {f.per_class}) and "
+                          f"config.fewshot.subset_file (now {f.subset_file!r})")
+    os.makedirs(workdir, exist_ok=True)
+    with WorkdirLock(workdir, enabled=jax.process_index() == 0):
+        started = time.perf_counter()
+        mesh = create_mesh(config.mesh)
+        graphdef, _, state, shardings = init_train_state(method, mesh, lambda step: 0.0)
+        if pretrained != command.NO_PRETRAINING:
+            state_dict, origin = pretrained_encoder(pretrained, branch)
+            print(f"pretrained encoder: {origin}, {len(state_dict)} arrays", flush=True)
+            state = with_pretrained_encoder(state_dict)(method, state)
+        else:
+            print("pretrained encoder: none (random initialisation, a baseline)", flush=True)
+        command.record_pretrained(workdir, pretrained, branch)
+
+        train = open_source(config.data, config.seed)
+        labels = np.asarray([train.label(i) for i in range(len(train))])
+        if f.per_class > 0:
+            chosen = few_shot_subset(labels, per_class=f.per_class, seed=config.seed)
+        else:
+            chosen = few_shot_subset(labels, index_file=f.subset_file,
+                                     names=[train.describe(i) for i in range(len(train))])
+        feature = {"class_token": "class_token", "mean_patch": "features"}.get(f.feature)
+        if feature is None:
+            raise ConfigError(f"config.fewshot.feature={f.feature!r}: choose class_token or mean_patch")
+        feature_fn = make_feature_fn(config, method, graphdef, mesh, shardings, feature=feature, branch="online")
+        train_feats, train_labels, train_valid = encoder_features(config, feature_fn, state,
+                                                                  SubsetSource(train, chosen), mesh)
+        keep = np.flatnonzero(np.asarray(jax.device_get(train_valid)))  # the subset: small, 1% of the data
+        x_train = jnp.asarray(jax.device_get(train_feats))[keep]
+        y_train = jnp.asarray(jax.device_get(train_labels))[keep]
+        val_feats, val_labels, val_valid = encoder_features(
+            config, feature_fn, state, open_source(config.data, config.seed, "validation"), mesh)
+        x_train, x_val = centre_and_normalise(x_train, val_feats)
+        n = len(keep)
+        weights, info = fit_logistic_regression(x_train, y_train, config.classifier.num_classes, f.l2 / n,
+                                                max_iter=f.max_iter, return_info=True)
+        correct = jax.jit(lambda x, y, v, w: jnp.stack([jnp.sum(v & (jnp.argmax(x @ w, -1) == y)), jnp.sum(v)]))(
+            x_val, val_labels, val_valid, weights)
+        hits, total = (int(c) for c in np.asarray(jax.device_get(correct)))
+        summary = {"top1": hits / max(total, 1), "n_train": n, "n_val": total, "l2": f.l2, "feature": f.feature,
+                   "iterations": info["iterations"], "grad_norm": info["grad_norm"],
+                   "seconds": time.perf_counter() - started, "workdir": os.path.abspath(workdir),
+                   "interrupted": False}
+        if jax.process_index() == 0:
+            with open(os.path.join(workdir, "metrics.jsonl"), "a") as out:
+                out.write(json.dumps({"step": 0, "fewshot_top1": summary["top1"], "n_train": n, "n_val": total,
+                                      "iterations": info["iterations"]}) + "\n")
+            from tensorboardX import SummaryWriter
+            with SummaryWriter(os.path.join(workdir, "tensorboard")) as board:
+                board.add_scalar("fewshot_top1", summary["top1"], 0)
+    return summary
+
+
+def summary_line(s: dict) -> str:
+    return (f"done: few-shot logistic regression on the {s['feature']} features of {s['n_train']} training images "
+            f"(lambda {s['l2']} / n_train, "
+            f"{s['iterations']} L-BFGS iterations), {s['n_val']} validation images, top1: {s['top1']:.4f}, "
+            f"workdir {s['workdir']}")
+
+
+def _main(argv):
+    if len(argv) > 1:
+        fail(f"unexpected arguments: {argv[1:]}", EXIT_USAGE, USAGE)
+    config = train_main.start_command(USAGE)
+    if config.model.loss_type != "linear_probe":
+        fail(f"--config sets config.model.loss_type={config.model.loss_type!r}; python -m siim_jax.fewshot needs a "
+             "few-shot recipe (configs/fewshot_*.py)", EXIT_USAGE, USAGE)
+    branch = command._ENCODER.value or config.classifier.encoder
+    train_main.finish_training(
+        lambda: evaluate_few_shot(config, train_main._WORKDIR.value, command._PRETRAINED.value, branch),
+        summary_line)
+
+
+def run_fewshot_command() -> None:
+    """`python -m siim_jax.fewshot`: the protocol on the encoder from --pretrained, one summary line."""
+    flags.mark_flag_as_required("pretrained")
+    app.run(_main, flags_parser=flags_parser(USAGE))
