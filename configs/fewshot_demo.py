@@ -1,6 +1,6 @@
-"""Few-shot evaluation of the demo encoder on the built-in data (CPU, a minute): MSN's protocol (features centred
-and L2-normalised, logistic regression with penalty lambda / n_train) on 10 training images per class, tested on
-the validation split.
+"""Few-shot evaluation of the demo encoder on the built-in data (CPU, a minute): MSN's protocol (each feature
+vector centred on its own mean and L2-normalised, logistic regression with penalty lambda / n_train) on 10
+training images per class, tested on the validation split.
 
 One change: the demo reads the mean patch token, not the class token. SiameseIM's loss reads only patch tokens;
 the class token is trained only as context for the predictor, and in the demo's 2-block encoder it stays about as

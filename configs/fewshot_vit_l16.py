@@ -1,5 +1,5 @@
-"""ViT-L/16: MSN's 1% few-shot protocol (SPEC section 5): logistic regression on the class token, lambda 0.1 /
-n_train.
+"""ViT-L/16: MSN's 1% few-shot protocol (SPEC section 5): logistic regression on the class token, lambda 0.01 /
+n_train (official configs/semisup_sim_large_1600ep.sh).
 
     python -m siim_jax.fewshot --config configs/fewshot_vit_l16.py --pretrained /path/to/pretraining_workdir \
         --workdir /path/to/workdir --config.data.source=imagefolder:/path/to/imagenet \
@@ -11,4 +11,5 @@ from siim_jax.config import fewshot_config, lock
 
 def get_config():
     c = fewshot_config("L")
+    c.fewshot.l2 = 0.01  # official configs/semisup_sim_large_1600ep.sh: --lambd 0.01
     return lock(c)

@@ -13,6 +13,11 @@ EXIT_FINISHED, EXIT_FAILED, EXIT_USAGE, EXIT_STOPPED = 0, 1, 2, 75
 from absl import flags
 
 
+class RunError(Exception):
+    """An expected failure of a run (bad data, a checkpoint that does not fit, a busy workdir, ...): the commands
+    report it as one `error:` line with exit status 1. Each module defines its own subclasses."""
+
+
 def fail(message: str, status: int, usage: str | None = None):
     """Prints `error: <message>` on one line (and `usage` if given) to stderr, then exits with `status`."""
     print("error: " + " ".join(str(message).split()), file=sys.stderr, flush=True)

@@ -35,7 +35,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.log_every_steps = 50
     c.checkpoint_every_steps = 1000
     c.eval_every_steps = 5000  # how often the evaluators below run; 0 disables them
-    # evaluators the trainer runs (siim_jax/eval/evaluators.py): "knn" (k-NN monitor on encoder features),
+    # evaluators the trainer runs (siim_jax/train/evaluators.py): "knn" (k-NN monitor on encoder features),
     # "validation" (top-1 / top-5 of a classifier on the validation split)
     c.evals = ("knn",)
     c.keep_checkpoints = 3
@@ -80,6 +80,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.classifier.randaugment_magnitude_std = 0.5
     c.classifier.erase_prob = 0.25  # random erasing, one box per image
     c.classifier.eval_batch_size = 256
+    # train crop sampler: torchvision (ten tries, then a centre crop: fine-tune) or single_draw (the official linear
+    # probe's util/crop.py: one draw of area and log-ratio, sides clamped to the image)
+    c.classifier.train_crop = "torchvision"
 
     # the 1% few-shot protocol (MSN's): logistic regression on frozen class-token features
     c.fewshot = ml_collections.ConfigDict()
@@ -137,7 +140,8 @@ def base_config() -> ml_collections.ConfigDict:
 
 def linear_probe_config(variant: str = "B") -> ml_collections.ConfigDict:
     """The official linear probe (SPEC section 5): LARS, lr 0.1 x 16384 / 256, no weight decay, 90 epochs, 10
-    warmup, batch 16384, random-resized crop (0.08, 1) + flip; judged on the validation split."""
+    warmup, batch 16384, random-resized crop (0.08, 1; the official single-draw sampler) + flip; judged on the
+    validation split."""
     c = base_config()
     c.model.loss_type = "linear_probe"
     c.model.variant = variant
@@ -145,6 +149,7 @@ def linear_probe_config(variant: str = "B") -> ml_collections.ConfigDict:
     c.epochs, c.warmup_epochs = 90, 10
     c.optim.blr, c.optim.min_lr, c.optim.weight_decay, c.optim.clip_norm = 0.1, 0.0, 0.0, 0.0
     c.data.crop_min = 0.08
+    c.classifier.train_crop = "single_draw"  # official main_linprobe.py: util/crop.py's RandomResizedCrop
     c.evals = ("validation",)
     c.eval_every_steps = 780  # 10 epochs of ImageNet at batch 16384
     return c
@@ -168,9 +173,10 @@ def finetune_config(variant: str = "B") -> ml_collections.ConfigDict:
 
 
 def fewshot_config(variant: str = "B") -> ml_collections.ConfigDict:
-    """MSN's 1% few-shot protocol (SPEC section 5): class token of the last block, centred and L2-normalised,
-    logistic regression with penalty 0.1 / n_train on the ImageNet 1% subset (set fewshot.subset_file). The
-    encoder sits in the linear-probe model (its head is unused)."""
+    """MSN's 1% few-shot protocol (SPEC section 5): class token of the last block (float32 encoder), each feature
+    vector centred on its own mean and L2-normalised, logistic regression with penalty lambda / n_train (lambda
+    0.1, 0.01 for ViT-L) on the ImageNet 1% subset (set fewshot.subset_file). The encoder sits in the
+    linear-probe model (its head is unused)."""
     c = base_config()
     c.model.loss_type = "linear_probe"
     c.model.variant = variant
@@ -221,6 +227,9 @@ def validate(c: ml_collections.ConfigDict) -> None:
         raise ConfigError(f"config.data.crop_min={c.data.crop_min} must lie in (0, 1]")
     if c.data.threads <= 0:
         raise ConfigError(f"config.data.threads={c.data.threads} must be > 0")
+    if c.classifier.train_crop not in ("torchvision", "single_draw"):
+        raise ConfigError(f"config.classifier.train_crop={c.classifier.train_crop!r}: choose torchvision or "
+                          "single_draw")
     for key, valid, text in RANGES:
         value = c
         for part in key.split("."):

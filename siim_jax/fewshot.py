@@ -8,7 +8,7 @@ The subset: config.fewshot.subset_file (the ImageNet 1% list) or config.fewshot.
 (seeded). Deterministic; writes <workdir>/metrics.jsonl and TensorBoard and ends with `done: few-shot ..., top1: ...`.
 """
 
-from siim_jax.eval.fewshot import run_fewshot_command
+from siim_jax.eval.command import run_fewshot_command
 
 
 def run():

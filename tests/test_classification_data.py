@@ -298,3 +298,109 @@ def test_tfds_validation_split(tmp_path):
     with pytest.raises(SourceError, match="validation") as error:
         open_source(config, 0, split="validation")
     assert "\n" not in str(error.value) and "siim_tiny_with_validation/train_only" in str(error.value)
+
+
+# --- the linear probe's official train crop (util/crop.py: one draw, sides clamped, no retries)
+
+
+def _official_single_draw_numpy(height, width, u_area, u_ratio, u_i, u_j, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3)):
+    """NumPy rendering of the official util/crop.py RandomResizedCrop.get_params for given uniforms in [0, 1):
+    area fraction and log aspect drawn uniformly, sides rounded and clamped to the image, then the top-left
+    corner uniform over the positions that fit. Returns (h, w, i, j)."""
+    frac = scale[0] + (scale[1] - scale[0]) * u_area
+    log_lo, log_hi = np.log(ratio[0]), np.log(ratio[1])
+    aspect = np.exp(log_lo + (log_hi - log_lo) * u_ratio)
+    area = height * width * frac
+    w = min(int(np.round(np.sqrt(area * aspect))), width)
+    h = min(int(np.round(np.sqrt(area / aspect))), height)
+    return h, w, int(np.floor(u_i * (height - h + 1))), int(np.floor(u_j * (width - w + 1)))
+
+
+class _FixedUniforms:
+    """Stands in for np.random.Generator: uniform / integers read the next of the given uniforms in [0, 1)."""
+
+    def __init__(self, uniforms):
+        self.uniforms = list(uniforms)
+
+    def uniform(self, low, high):
+        return low + (high - low) * self.uniforms.pop(0)
+
+    def integers(self, low, high):
+        return low + int(np.floor(self.uniforms.pop(0) * (high - low)))
+
+
+@pytest.mark.parametrize("shape", [(24, 24), (375, 500), (500, 333), (40, 400)])
+def test_single_draw_crop_matches_official_get_params_for_fixed_uniforms(shape):
+    from siim_jax.data.views import sample_crop_single_draw
+    height, width = shape
+    rng = np.random.default_rng(11)
+    clamped = 0
+    for uniforms in rng.random((400, 4)):
+        i, j, h, w = sample_crop_single_draw(_FixedUniforms(uniforms), height, width)
+        assert (h, w, i, j) == _official_single_draw_numpy(height, width, *uniforms)
+        assert 0 < h <= height and 0 < w <= width and 0 <= i <= height - h and 0 <= j <= width - w
+        clamped += h == height or w == width
+    assert clamped > 0  # the clamp is exercised
+
+
+def test_single_draw_crop_distribution_is_the_official_one_not_torchvision():
+    """Over 20,000 draws on a 100 x 100 image: the sides' distribution is the official rendering's (drawn from
+    independent uniforms), and about 7% of crops are clamped to the full height with a narrower width, which
+    torchvision's ten-try sampler (the old crop) practically never gives."""
+    from siim_jax.data.views import sample_crop_single_draw
+    n, side = 20000, 100
+    rng = np.random.default_rng(12)
+    ours = np.array([sample_crop_single_draw(rng, side, side) for _ in range(n)])[:, [2, 3, 0, 1]]  # (h, w, i, j)
+    uniforms = np.random.default_rng(13).random((n, 4))
+    official = np.array([_official_single_draw_numpy(side, side, *u) for u in uniforms])
+    old = np.array([sample_crop(rng, side, side, (0.08, 1.0)) for _ in range(n)])[:, [2, 3, 0, 1]]
+    for k in range(4):  # means within 4 standard errors, histograms close
+        a, b = ours[:, k].astype(float), official[:, k].astype(float)
+        assert abs(a.mean() - b.mean()) < 4 * np.sqrt((a.var() + b.var()) / n), k
+        bins = np.linspace(0, side + 1, 11)
+        assert np.abs(np.histogram(a, bins)[0] - np.histogram(b, bins)[0]).max() / n < 0.02, k
+    full_height = lambda x: np.mean((x[:, 0] == side) & (x[:, 1] < side))
+    assert 0.05 < full_height(ours) < 0.10 and abs(full_height(ours) - full_height(official)) < 0.01
+    assert full_height(old) < 0.01
+
+
+def test_linear_probe_batches_use_the_single_draw_crop():
+    """train_crop="single_draw": each image is torchvision's resized_crop (bicubic) of the box that
+    sample_crop_single_draw draws from default_rng([seed, step, position]), then the flip draw."""
+    tf = pytest.importorskip("torchvision.transforms.functional")
+    from torchvision.transforms import InterpolationMode
+
+    from siim_jax.data.views import sample_crop_single_draw
+    seed, global_batch, size, step = 3, 5, 16, 6
+    batch = LabelledBatches(ArraySource(IMAGES, LABELS), global_batch, size, seed, train=True,
+                            train_crop="single_draw").batch_at(step)
+    indices = np.random.default_rng([seed, 1]).permutation(len(IMAGES))[10:15]
+    for q, index in enumerate(indices):
+        rng = np.random.default_rng([seed, step, q])
+        i, j, h, w = sample_crop_single_draw(rng, 24, 24, (0.08, 1.0), (3 / 4, 4 / 3))
+        reference = tf.resized_crop(Image.fromarray(IMAGES[index]), i, j, h, w, [size, size],
+                                    InterpolationMode.BICUBIC)
+        if rng.random() < 0.5:
+            reference = tf.hflip(reference)
+        np.testing.assert_array_equal(batch["images"][q], np.asarray(reference))
+    with pytest.raises(ValueError, match="train_crop"):
+        LabelledBatches(ArraySource(IMAGES, LABELS), 4, 16, 0, train=True, train_crop="tensorflow")
+
+
+@pytest.mark.parametrize("recipe, crop", [
+    ("linprobe_vit_b16.py", "single_draw"), ("linprobe_vit_l16.py", "single_draw"),
+    ("linprobe_vit_h14.py", "single_draw"), ("linprobe_demo.py", "single_draw"),
+    ("finetune_vit_b16.py", "torchvision"), ("finetune_demo.py", "torchvision")])
+def test_recipes_select_the_official_train_crop(recipe, crop):
+    import importlib.util
+
+    from siim_jax.methods import get_method
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", recipe)
+    spec = importlib.util.spec_from_file_location(recipe, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    config = module.get_config()
+    assert config.classifier.train_crop == crop
+    config.batch_size = 4  # the 21-image source
+    batches = get_method(config).make_batches(ArraySource(IMAGES, LABELS), np.arange(4), np.ones(4, bool))
+    assert batches.train_crop == crop

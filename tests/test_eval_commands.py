@@ -82,6 +82,7 @@ def test_linear_probe_loads_the_encoder_keeps_it_frozen_and_resumes_exactly(pret
     assert not np.allclose(probed.params["head"]["kernel"], fresh.params["head"]["kernel"])
 
 
+@pytest.mark.slow
 def test_linear_probe_is_the_same_on_another_mesh(pretrained, tmp_path):
     _, state_dict = pretrained
     runs = {}
@@ -92,6 +93,7 @@ def test_linear_probe_is_the_same_on_another_mesh(pretrained, tmp_path):
     np.testing.assert_allclose(runs["data8"], runs["data2_fsdp4"], rtol=2e-5)
 
 
+@pytest.mark.slow
 def test_finetune_resumes_exactly_and_exports_a_timm_model_with_the_same_logits(pretrained, tmp_path):
     _, state_dict = pretrained
     config = eval_config("finetune")
@@ -129,7 +131,7 @@ def test_finetune_resumes_exactly_and_exports_a_timm_model_with_the_same_logits(
     np.testing.assert_allclose(ours, theirs, rtol=1e-4, atol=1e-5)
 
 
-def test_commands_end_with_top1_and_refuse_bad_input_in_one_line(pretrained, tmp_path):
+def test_fewshot_command_ends_with_top1_and_reruns_to_the_same_figures(pretrained, tmp_path):
     workdir, _ = pretrained
     tiny = flags({**TINY_MODEL, "batch_size": 16})
     # few-shot on the pretrained workdir: a `top1:` summary, and the same figures when rerun
@@ -144,7 +146,10 @@ def test_commands_end_with_top1_and_refuse_bad_input_in_one_line(pretrained, tmp
     top1 = float(line.split("top1: ")[1].split(",")[0])
     assert 0.0 <= top1 <= 1.0
 
-    # fine-tune through its command line: the summary line, and the timm export next to the checkpoints
+
+def test_finetune_command_ends_with_top1_and_exports_for_timm(pretrained, tmp_path):
+    workdir, _ = pretrained
+    tiny = flags({**TINY_MODEL, "batch_size": 16})
     finetune = run_module("siim_jax.finetune", "--config", "configs/finetune_demo.py", "--pretrained", workdir,
                           "--workdir", str(tmp_path / "ft"), *tiny, *flags(TINY_RUN), "--config.total_steps=2")
     assert finetune.returncode == 0, finetune.stderr[-3000:]
@@ -153,6 +158,10 @@ def test_commands_end_with_top1_and_refuse_bad_input_in_one_line(pretrained, tmp
     assert exported["head.weight"].shape == (10, 64)
     assert {"fc_norm.bias", "blocks.1.mlp.fc2.weight", "pos_embed"} <= set(exported)
 
+
+def test_commands_refuse_bad_input_in_one_line(pretrained, tmp_path):
+    workdir, _ = pretrained
+    tiny = flags({**TINY_MODEL, "batch_size": 16})
     probe = ["--config", "configs/linprobe_demo.py", "--workdir", str(tmp_path / "lp"), *tiny]
     cases = [  # (arguments, exit status, what the error line names)
         (["--config", "configs/demo.py", "--pretrained", workdir, "--workdir", str(tmp_path / "x")], 2,

@@ -138,6 +138,11 @@ def test_layer_id_paths():
         layer_id(("encoder", "blocks", 12, "mlp", "fc1", "kernel"), 12)
 
 
+def optimiser_state_paths(opt_state) -> set:
+    """The key paths (strings) of every array in an optimiser state."""
+    return {jax.tree_util.keystr(path) for path, _ in jax.tree_util.tree_leaves_with_path(opt_state)}
+
+
 def small_schedule(step):
     """Fine-tune sized lrs: float32 AdamW's bias correction 1 - 0.999^t is only good to ~1e-5 relative, so the
     absolute error of a step is ~1e-5 lr."""
@@ -152,6 +157,8 @@ def test_finetune_adamw_with_layer_decay_matches_numpy():
     grads = [jax.tree.map(lambda p: rng.normal(size=p.shape).astype(np.float32), params) for _ in range(2)]
     tx = finetune_optimizer(small_schedule, params, depth, layer_decay=decay, weight_decay=wd, b1=b1, b2=b2)
     got = run_optimizer(tx, params, grads)
+    state_paths = optimiser_state_paths(tx.init(params))
+    assert any("cls_token" in p for p in state_paths) and not any("pos_embed" in p for p in state_paths)
 
     def scale(names):  # layer ids: embedding 0, block i -> i + 1, rest depth + 1
         if names[0] == "encoder" and names[1] == "blocks":
@@ -166,7 +173,10 @@ def test_finetune_adamw_with_layer_decay_matches_numpy():
     decayed_names = set()
     for i, (path, p0) in enumerate(flat_params):
         names = tuple(k.key for k in path)
-        decays = names[-1] == "kernel"  # PyTorch >= 2-D weights; not biases, norms, class token, position table
+        if names[-1] == "pos_embed":  # official: requires_grad=False, in no parameter group
+            np.testing.assert_array_equal(flat_got[i], p0)
+            continue
+        decays = names[-1] == "kernel"  # PyTorch >= 2-D weights; not biases, norms, class token
         p, m, v = p0.astype(np.float64), 0.0, 0.0
         for t in range(1, len(grads) + 1):
             g = flat_grads[t - 1][i].astype(np.float64)
@@ -177,3 +187,43 @@ def test_finetune_adamw_with_layer_decay_matches_numpy():
         if decays:
             decayed_names.add(names[-2])
     assert {"qkv", "proj", "fc1", "fc2", "head"} <= decayed_names
+
+
+def test_finetune_method_keeps_the_position_table_frozen():
+    """Through the method and the train step: after two steps the table is bit-identical, it has no optimiser
+    state (official: requires_grad=False, in no parameter group), and everything else moved."""
+    import importlib.util
+    import os
+
+    from siim_jax.methods import get_method
+    from siim_jax.parallel.sharding import create_mesh, global_batch
+    from siim_jax.train.state import init_train_state
+    from siim_jax.train.step import jit_train_step
+
+    configs = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
+    spec = importlib.util.spec_from_file_location("finetune_demo", os.path.join(configs, "finetune_demo.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    config = module.get_config()
+    config.model.image_size, config.batch_size, config.data.num_masked = 32, 8, 4
+    config.classifier.randaugment_ops = 0
+    config.mesh.data = 1
+    mesh = create_mesh(config.mesh, devices=jax.devices()[:1])
+    method = get_method(config)
+    lr_fn = lambda step: 1e-3
+    graphdef, tx, state, shardings = init_train_state(method, mesh, lr_fn)
+    assert method.trainable_labels(state.params)["encoder"]["pos_embed"] == "frozen"
+    state_paths = optimiser_state_paths(state.opt_state)
+    assert any("cls_token" in p for p in state_paths) and not any("pos_embed" in p for p in state_paths)
+
+    step_fn = jit_train_step(method, graphdef, tx, lr_fn, lambda step: 0.0, mesh, shardings)
+    rng = np.random.default_rng(0)
+    before = jax.device_get(state.params)
+    for _ in range(2):
+        state, metrics = step_fn(state, global_batch(method.synthetic_batch(8, rng), mesh,
+                                                     config.mesh.logical_axis_rules, 8))
+    after = jax.device_get(state.params)
+    np.testing.assert_array_equal(after["encoder"]["pos_embed"], before["encoder"]["pos_embed"])
+    assert not np.allclose(after["encoder"]["cls_token"], before["encoder"]["cls_token"])
+    assert not np.allclose(after["encoder"]["blocks"][0]["attn"]["qkv"]["kernel"],
+                           before["encoder"]["blocks"][0]["attn"]["qkv"]["kernel"])

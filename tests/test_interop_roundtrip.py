@@ -232,6 +232,7 @@ def test_workdir_config_round_trips_the_recorded_config(tmp_path):
     assert recorded.mesh.fsdp == 2
 
 
+@pytest.mark.slow
 def test_import_cli_writes_a_step_that_export_reads_back(states, tmp_path):
     method, source, _ = states
     weights = str(tmp_path / "encoder.safetensors")

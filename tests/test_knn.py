@@ -1,4 +1,4 @@
-"""On-device weighted k-NN (siim_jax.eval.knn) against a NumPy brute force, on 1 and 8 (fake CPU) devices."""
+"""On-device weighted k-NN (siim_jax.train.knn) against a NumPy brute force, on 1 and 8 (fake CPU) devices."""
 
 import re
 
@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from siim_jax.eval import knn
+from siim_jax.train import knn
 
 TEMPERATURE = 0.07
 CLASSES = 5

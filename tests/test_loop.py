@@ -43,7 +43,13 @@ def test_interrupt_and_resume_gives_the_same_losses(tmp_path):
     # the losses actually change from step to step, so equality above is not vacuous
     assert len({round(v, 6) for v in expected.values()}) == 6
 
-    # A checkpoint written on one mesh resumes on another (8-way data parallel -> 2x2x2).
+
+@pytest.mark.slow
+def test_a_checkpoint_written_on_one_mesh_resumes_on_another(tmp_path):
+    """8-way data parallel -> 2x2x2 data x fsdp x tensor, the losses of an uninterrupted run."""
+    config = tiny_config()
+    train_and_evaluate(config, str(tmp_path / "full"))
+    expected = losses(tmp_path / "full")
     other_mesh = str(tmp_path / "other_mesh")
     train_and_evaluate(config, other_mesh, stop_at_step=3)
     remeshed = tiny_config(**{"mesh.data": 2, "mesh.fsdp": 2, "mesh.tensor": 2})
@@ -58,6 +64,7 @@ def test_checkpoint_of_another_model_is_a_readable_error(tmp_path):
         train_and_evaluate(tiny_config(**{"total_steps": 4, "model.decoder_width": 64}), str(tmp_path))
 
 
+@pytest.mark.slow
 def test_poisoned_update_is_never_checkpointed_and_a_sane_rerun_finishes(tmp_path):
     # the issue's reproduction: step 1's loss and gradient norm are finite, but its update blows the weights up
     # (finite, ~1e28), so step 2's loss is NaN; the checkpoint of step 1 must not be what a rerun resumes from
@@ -113,6 +120,7 @@ def test_misspelt_override_is_an_error_naming_the_key(tmp_path):
     assert "Traceback" not in err
 
 
+@pytest.mark.slow
 def test_sigterm_saves_the_current_step_and_exits_resumable(tmp_path):
     proc = run_cli(tmp_path, "--config.total_steps=100000", "--config.eval_every_steps=0")
     metrics = tmp_path / "metrics.jsonl"

@@ -64,6 +64,20 @@ def keep_only_step(workdir, step: int):
             shutil.rmtree(os.path.join(workdir, "checkpoints", name))
 
 
+def test_two_processes_of_two_devices_log_the_losses_of_one_process(tmp_path):
+    """The fast tier's multi-process run: 2 processes x 2 devices (4 global, data parallel) log the losses of
+    1 process x 8 devices for the same global batch; each process reports its share of the devices."""
+    short = {"total_steps": 3, "checkpoint_every_steps": 1000}
+    reference = tmp_path / "one"
+    train_and_evaluate(recipe(**MESHES["data"], **short), str(reference))
+    done = local_sh(2, 2, tmp_path / "two", **MESHES["data"], **short)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.count("done: step 3/3") == 2
+    assert "process 1/2, local devices 2, global devices 4" in done.stderr
+    assert_same_losses(losses(tmp_path / "two"), losses(reference), range(1, 4))
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("mesh", list(MESHES))
 def test_processes_log_the_losses_of_one_process_and_resume_each_other(mesh, tmp_path):
     """2 x 4 devices (4 x 2 for fsdp x tensor, whose tensor axis then spans process pairs that feed the same
@@ -105,8 +119,8 @@ def _free_port() -> int:
 def start_processes(workdir, count=2, devices=4, **overrides):
     """`count` training processes as launch/local.sh starts them, returned as Popen objects (PIDs known)."""
     port = _free_port()
-    env = {**os.environ, "JAX_PLATFORMS": "cpu",
-           "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}"}
+    env = {**os.environ, "JAX_PLATFORMS": "cpu",  # the test run's XLA flags, this many devices (the last flag wins)
+           "XLA_FLAGS": f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={devices}"}
     return [subprocess.Popen([sys.executable, "-m", "siim_jax.train", *flags(**overrides), "--workdir", str(workdir),
                               "--coordinator_address", f"localhost:{port}", "--num_processes", str(count),
                               "--process_id", str(i)], cwd=REPO, env=env, stdout=subprocess.PIPE,
@@ -135,6 +149,7 @@ def long_reference(tmp_path_factory):
     return losses(workdir)
 
 
+@pytest.mark.slow
 def test_sigterm_to_one_process_stops_both_after_the_same_step_and_resumes_exactly(tmp_path, long_reference):
     workdir = tmp_path / "run"
     procs = start_processes(workdir, **LONG)
@@ -154,6 +169,7 @@ def test_sigterm_to_one_process_stops_both_after_the_same_step_and_resumes_exact
     assert_same_losses(losses(workdir), long_reference, range(1, 31))
 
 
+@pytest.mark.slow
 def test_kill_9_of_one_process_while_saving_then_a_relaunch_resumes_from_an_intact_step(tmp_path, long_reference):
     workdir = tmp_path / "run"
     every_step = {**LONG, "checkpoint_every_steps": 1, "keep_checkpoints": 2}

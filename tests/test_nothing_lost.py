@@ -156,7 +156,9 @@ def test_recipes_that_do_not_load_and_unwritable_workdirs_are_one_error_line(tmp
 
 DEMO_RUN = ["--config", "configs/demo.py", "--config.batch_size=16", "--config.data.num_train=256",
             "--config.log_every_steps=1", "--config.warmup_steps=2", "--config.total_steps=24",
-            "--config.checkpoint_every_steps=3", "--config.eval_every_steps=0"]
+            "--config.checkpoint_every_steps=3", "--config.eval_every_steps=0",
+            # 32 px views (4x4 patches): what is tested does not depend on the size, the compile time does
+            "--config.model.image_size=32", "--config.data.raw_size=40", "--config.data.num_masked=10"]
 
 
 def final_params(workdir):
@@ -165,6 +167,7 @@ def final_params(workdir):
     return int(state.step), jax.tree.leaves(jax.device_get(state.params))
 
 
+@pytest.mark.slow
 def test_kill_9_at_random_points_then_relaunches_end_where_an_uninterrupted_run_does(tmp_path):
     reference = run_train(*DEMO_RUN, "--workdir", str(tmp_path / "reference"))
     assert reference.returncode == 0, reference.stderr[-2000:]
@@ -204,6 +207,7 @@ def test_kill_9_at_random_points_then_relaunches_end_where_an_uninterrupted_run_
     assert logged == list(range(1, 25))  # every step logged once, no gap, no duplicate
 
 
+@pytest.mark.slow
 def test_a_full_disk_while_saving_is_one_error_line_and_the_rerun_finishes(tmp_path):
     import resource
 

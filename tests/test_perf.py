@@ -70,8 +70,9 @@ def compiled_collectives(mesh: dict, batch: int, loss_type: str = "siamese") -> 
     return collective_bytes(text), shapes
 
 
-@pytest.mark.parametrize("loss_type, mesh", [("siamese", {"data": 8}), ("siamese", {"data": 1, "fsdp": 8}),
-                                             ("mae", {"data": 1, "fsdp": 8})])
+@pytest.mark.parametrize("loss_type, mesh", [
+    pytest.param("siamese", {"data": 8}, marks=pytest.mark.slow), ("siamese", {"data": 1, "fsdp": 8}),
+    pytest.param("mae", {"data": 1, "fsdp": 8}, marks=pytest.mark.slow)])
 def test_collective_bytes_do_not_grow_with_the_global_batch(loss_type, mesh):
     # batches 40 and 80: sizes no model dimension shares, so a gathered batch would show
     small, _ = compiled_collectives(mesh, 40, loss_type)
@@ -81,6 +82,7 @@ def test_collective_bytes_do_not_grow_with_the_global_batch(loss_type, mesh):
     assert not [s for s in shapes if "[80," in s or ",80," in s or ",80]" in s], shapes
 
 
+@pytest.mark.slow
 def test_a_tensor_axis_never_gathers_the_global_batch():
     # fsdp x tensor: the tensor-parallel all-reduces of per-device activations grow with the per-device batch
     # (inherent to tensor parallelism); nothing may hold the whole global batch, and weights gather as before
@@ -135,6 +137,7 @@ needs_libtpu = pytest.mark.skipif(importlib.util.find_spec("libtpu") is None,
 
 
 @needs_libtpu
+@pytest.mark.slow
 def test_aot_fits_a_small_step_and_refuses_one_too_large():
     env_free = [*TINY_DEMO[:2], "--config.data.num_train=64"]
     done = run_module("siim_jax.aot", *env_free, "--config.batch_size=64", "--topology", "v5e:2x2", "--json")
@@ -146,11 +149,15 @@ def test_aot_fits_a_small_step_and_refuses_one_too_large():
     assert result["collective_bytes"]["all-reduce"] > 0  # data parallel: gradients are reduced
     too_large = run_module("siim_jax.aot", *env_free, "--config.batch_size=262144", "--topology", "v5e:2x2")
     assert too_large.returncode == 1 and "DOES NOT FIT" in too_large.stdout, too_large.stderr[-2000:]
-    bad = run_module("siim_jax.aot", *env_free, "--topology", "v9:2x2")
+
+
+def test_aot_unknown_topology_is_one_error_line():
+    bad = run_module("siim_jax.aot", *TINY_DEMO[:2], "--config.data.num_train=64", "--topology", "v9:2x2")
     assert bad.returncode == 1 and "error: --topology 'v9:2x2'" in bad.stderr and "Traceback" not in bad.stderr
 
 
 @needs_libtpu
+@pytest.mark.slow
 def test_full_remat_keeps_less_for_the_backward_pass_on_a_tpu():
     """XLA:CPU keeps every activation whatever the policy, so this is measured on a TPU compile (v5e, 4 chips)."""
     temps = {}

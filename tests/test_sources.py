@@ -168,6 +168,7 @@ def test_eval_view_matches_torchvision(size):
     np.testing.assert_array_equal(eval_view(image, 224), np.asarray(reference))
 
 
+@pytest.mark.slow
 def test_entry_point_pretrains_on_an_image_folder_and_reports_skips(tree, tmp_path):
     cmd = [sys.executable, "-m", "siim_jax.train", "--config", os.path.join(REPO, "configs", "demo.py"),
            "--workdir", str(tmp_path), f"--config.data.source=imagefolder:{tree}", "--config.batch_size=8",

@@ -214,6 +214,7 @@ def test_reading_does_not_import_tensorflow(data_dir):
     subprocess.run([sys.executable, "-c", program], check=True, capture_output=True, timeout=120)
 
 
+@pytest.mark.slow
 def test_entry_point_pretrains_on_a_tfds_dataset(data_dir, tmp_path):
     """`python -m siim_jax.train` on the dataset prepared above (11 records: one step per epoch of 8)."""
     repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

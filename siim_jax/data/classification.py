@@ -5,9 +5,11 @@ valid bool (B,) (False only for eval padding and undecodable eval images, whose 
 Alongside each batch comes `skipped`: the descriptions of the examples that could not be decoded.
 
 Training batches (train=True) follow the official linear-probe / fine-tune recipe: RandomResizedCrop (scale
-(0.08, 1), ratio (3/4, 4/3), bicubic), then a horizontal flip with p=0.5, then an optional host `augment` hook
-(timm applies RandAugment there, after the crop and flip). Evaluation batches (train=False) resize the shorter
-side to views.official_eval_short_side(S) (256 at S = 224), bicubic, and take the centred S x S crop.
+(0.08, 1), ratio (3/4, 4/3), bicubic; torchvision's ten-try sampler for fine-tuning, the official util/crop.py
+single draw for the linear probe: train_crop), then a horizontal flip with p=0.5, then an optional host
+`augment` hook (timm applies RandAugment there, after the crop and flip). Evaluation batches (train=False)
+resize the shorter side to views.official_eval_short_side(S) (256 at S = 224), bicubic (eval_resample; the
+few-shot protocol's is bilinear), and take the centred S x S crop.
 """
 
 import logging
@@ -19,7 +21,7 @@ from PIL import Image
 
 from siim_jax.data.pipeline import StepBatches, _epoch_permutation, decode_with_replacements
 from siim_jax.data.sources import BadImageError, load_rgb
-from siim_jax.data.views import eval_view, official_eval_short_side, sample_crop
+from siim_jax.data.views import RESAMPLE, TRAIN_CROPS, eval_view, official_eval_short_side
 
 log = logging.getLogger(__name__)
 
@@ -28,11 +30,12 @@ Augment = Callable[[np.random.Generator, Image.Image], Image.Image]
 
 def random_resized_crop_flip(rng: np.random.Generator, image: Image.Image, out_size: int,
                              scale: tuple[float, float] = (0.08, 1.0),
-                             ratio: tuple[float, float] = (3 / 4, 4 / 3)) -> Image.Image:
-    """torchvision RandomResizedCrop(out_size, scale, ratio, bicubic) then RandomHorizontalFlip(0.5), drawing
-    from `rng` in that order: RGB PIL image -> RGB PIL image (out_size, out_size)."""
+                             ratio: tuple[float, float] = (3 / 4, 4 / 3), crop: str = "torchvision") -> Image.Image:
+    """RandomResizedCrop(out_size, scale, ratio, bicubic) then RandomHorizontalFlip(0.5), drawing from `rng` in
+    that order: RGB PIL image -> RGB PIL image (out_size, out_size). `crop`: "torchvision" (ten tries, then a
+    centre crop: fine-tune) or "single_draw" (the official linear probe's util/crop.py: one draw, sides clamped)."""
     width, height = image.size
-    i, j, h, w = sample_crop(rng, height, width, scale, ratio)
+    i, j, h, w = TRAIN_CROPS[crop](rng, height, width, scale, ratio)
     view = image.crop((j, i, j + w, i + h)).resize((out_size, out_size), Image.BICUBIC)
     if rng.random() < 0.5:
         view = view.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
@@ -52,11 +55,14 @@ class LabelledBatches(StepBatches):
     A process builds only the global positions `rows` (default all) and reports the skipped examples of the rows
     it `owned` (default all), as TwoViewBatches does, so the global batch does not depend on the process count.
     `augment(rng, PIL RGB image S x S) -> PIL image S x S` runs on the cropped and flipped view (train only).
+    `eval_resample`: the eval resize filter, "bicubic" or "bilinear" (views.eval_view); `train_crop`: the train
+    crop sampler, "torchvision" or "single_draw" (views.TRAIN_CROPS).
     """
 
     def __init__(self, source, global_batch: int, out_size: int, seed: int, *, train: bool, rows=None,
                  owned=None, num_threads: int = 2, augment: Augment | None = None,
-                 crop_scale: tuple[float, float] = (0.08, 1.0), crop_ratio: tuple[float, float] = (3 / 4, 4 / 3)):
+                 crop_scale: tuple[float, float] = (0.08, 1.0), crop_ratio: tuple[float, float] = (3 / 4, 4 / 3),
+                 eval_resample: str = "bicubic", train_crop: str = "torchvision"):
         self.source = source
         self.global_batch = global_batch
         self.out_size = out_size
@@ -66,6 +72,12 @@ class LabelledBatches(StepBatches):
         self.crop_scale = crop_scale
         self.crop_ratio = crop_ratio
         self.short_side = official_eval_short_side(out_size)
+        if eval_resample not in RESAMPLE:
+            raise ValueError(f"eval_resample={eval_resample!r}: choose one of {sorted(RESAMPLE)}")
+        self.eval_resample = eval_resample
+        if train_crop not in TRAIN_CROPS:
+            raise ValueError(f"train_crop={train_crop!r}: choose one of {sorted(TRAIN_CROPS)}")
+        self.train_crop = train_crop
         self.num_threads = num_threads
         self.rows = np.arange(global_batch) if rows is None else np.asarray(rows, np.int64)
         if len(self.rows) == 0 or self.rows.min() < 0 or self.rows.max() >= global_batch:
@@ -99,7 +111,7 @@ class LabelledBatches(StepBatches):
         return np.where(indices < len(self.source), indices, -1)
 
     def _train_view(self, rng: np.random.Generator, image: Image.Image) -> np.ndarray:
-        view = random_resized_crop_flip(rng, image, self.out_size, self.crop_scale, self.crop_ratio)
+        view = random_resized_crop_flip(rng, image, self.out_size, self.crop_scale, self.crop_ratio, self.train_crop)
         if self.augment is not None:
             view = self.augment(rng, view)
             if view.size != (self.out_size, self.out_size):
@@ -119,7 +131,7 @@ class LabelledBatches(StepBatches):
         if index < 0:
             return None, 0, False, []
         try:
-            view = eval_view(load_rgb(self.source.read(index)), self.out_size, self.short_side)
+            view = eval_view(load_rgb(self.source.read(index)), self.out_size, self.short_side, self.eval_resample)
             return view, self.source.label(index), True, []
         except BadImageError as e:
             name = self.source.describe(index)

@@ -13,6 +13,7 @@ import logging
 
 import numpy as np
 
+from siim_jax.cli import RunError
 from siim_jax.data.masks import block_mask
 from siim_jax.data.sources import ArraySource, BadImageError, load_rgb
 from siim_jax.data.views import sample_two_views
@@ -22,7 +23,7 @@ log = logging.getLogger(__name__)
 MAX_REPLACEMENTS = 64  # consecutive undecodable examples before the pipeline gives up on a slot
 
 
-class TooManyBadImagesError(RuntimeError):
+class TooManyBadImagesError(RunError, RuntimeError):
     pass
 
 

@@ -34,6 +34,25 @@ def sample_crop(rng: np.random.Generator, height: int, width: int, scale: tuple[
     return (height - h) // 2, (width - w) // 2, h, w
 
 
+def sample_crop_single_draw(rng: np.random.Generator, height: int, width: int,
+                            scale: tuple[float, float] = (0.08, 1.0),
+                            ratio: tuple[float, float] = (3 / 4, 4 / 3)) -> tuple[int, int, int, int]:
+    """The official linear probe's RandomResizedCrop.get_params (SiameseIM / MAE util/crop.py, after BYOL's TF
+    code): one draw, no retries. area fraction ~ U(scale), log aspect ~ U(log ratio) (drawn in that order), sides
+    w = round(sqrt(A * frac * aspect)), h = round(sqrt(A * frac / aspect)) clamped to the image, then top i ~
+    U{0..H-h}, left j ~ U{0..W-w}. Returns (i, j, h, w)."""
+    target_area = height * width * rng.uniform(scale[0], scale[1])
+    aspect = math.exp(rng.uniform(math.log(ratio[0]), math.log(ratio[1])))
+    w = min(int(round(math.sqrt(target_area * aspect))), width)
+    h = min(int(round(math.sqrt(target_area / aspect))), height)
+    i = int(rng.integers(0, height - h + 1))
+    j = int(rng.integers(0, width - w + 1))
+    return i, j, h, w
+
+
+TRAIN_CROPS = {"torchvision": sample_crop, "single_draw": sample_crop_single_draw}
+
+
 def _one_view(rng: np.random.Generator, image: Image.Image, out_size: int, crop_min: float):
     """Flip (p=0.5), then crop and bicubic-resize. Returns (view uint8 (S,S,3), flip bool, (i, j, h, w)).
 
@@ -75,15 +94,21 @@ def official_eval_short_side(size: int) -> int:
     return int(size * 256 / 224) if size <= 224 else size
 
 
-def eval_view(image: Image.Image, size: int, short_side: int | None = None) -> np.ndarray:
+RESAMPLE = {"bicubic": Image.BICUBIC, "bilinear": Image.BILINEAR}
+
+
+def eval_view(image: Image.Image, size: int, short_side: int | None = None, resample: str = "bicubic") -> np.ndarray:
     """The evaluation transform (SPEC section 5 at size 224: resize 256, centre crop 224), with torchvision's
     rounding: shorter side to `short_side` (default round(size * 256 / 224); official_eval_short_side(size) is
-    the official code's, equal at 224), the longer one int(scaled), bicubic, then the centred size x size crop.
-    RGB PIL image -> uint8 (size, size, 3)."""
+    the official code's, equal at 224), the longer one int(scaled), then the centred size x size crop.
+    `resample`: "bicubic" (linear probe, fine-tune: `Resize(256, interpolation=3)`) or "bilinear" (few-shot:
+    torchvision's default `Resize(256)`). RGB PIL image -> uint8 (size, size, 3)."""
+    if resample not in RESAMPLE:
+        raise ValueError(f"resample={resample!r}: choose one of {sorted(RESAMPLE)}")
     width, height = image.size
     short = round(size * 256 / 224) if short_side is None else short_side
     new_w, new_h = (short, int(short * height / width)) if width <= height else (int(short * width / height), short)
-    resized = image.resize((new_w, new_h), Image.BICUBIC)
+    resized = image.resize((new_w, new_h), RESAMPLE[resample])
     top, left = round((new_h - size) / 2), round((new_w - size) / 2)
     return np.asarray(resized.crop((left, top, left + size, top + size)))
 

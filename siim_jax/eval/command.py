@@ -1,15 +1,16 @@
-"""The linear-probe and fine-tune commands: the trainer (siim_jax/train/loop.py) running a classification
-method on an encoder from --pretrained, with the pretraining command's flags, resume, stop and exit statuses."""
+"""The evaluation commands. Linear probe and fine-tune: the trainer (siim_jax/train/loop.py) running a
+classification method on an encoder from --pretrained, with the pretraining command's flags, resume, stop and exit
+statuses. Few-shot: siim_jax/eval/fewshot.py's protocol, one summary line. Importing this module defines the
+flags; the protocols' own modules define none."""
 
-import json
 import os
 
 from absl import app, flags
 
 from siim_jax.cli import EXIT_USAGE, fail, flags_parser
+from siim_jax.eval.pretrained import NO_PRETRAINING, record_pretrained
 from siim_jax.train import main as train_main  # defines --config, --workdir and the multi-process flags
 
-NO_PRETRAINING = "none"  # --pretrained none: a randomly initialised encoder (the baseline)
 _PRETRAINED = flags.DEFINE_string("pretrained", None, "Pretraining workdir (its newest checkpoint), a PyTorch "
                                   "encoder / official pretraining state (.pth, .safetensors), or 'none' (random "
                                   "initialisation, a baseline).")
@@ -56,16 +57,26 @@ def run_classifier_command(method: str, module: str) -> None:
     app.run(main, flags_parser=flags_parser(usage))
 
 
-def record_pretrained(workdir: str, pretrained: str, branch: str) -> None:
-    """<workdir>/pretrained.json: where the encoder came from (process 0)."""
-    import jax
+def run_fewshot_command() -> None:
+    """`python -m siim_jax.fewshot`: the few-shot protocol on the encoder from --pretrained, one summary line."""
+    usage = ("usage: python -m siim_jax.fewshot --config configs/fewshot_<recipe>.py --pretrained <workdir | .pth | "
+             ".safetensors | none> --workdir <dir> [--encoder online|target] [--config.key=value ...]")
+    flags.mark_flag_as_required("pretrained")
 
-    if jax.process_index() != 0:
-        return
-    os.makedirs(workdir, exist_ok=True)
-    where = pretrained if pretrained == NO_PRETRAINING else os.path.abspath(pretrained)
-    with open(os.path.join(workdir, "pretrained.json"), "w") as f:
-        json.dump({"pretrained": where, "encoder": branch}, f)
+    def main(argv):
+        from siim_jax.eval.fewshot import evaluate_few_shot, summary_line
+
+        if len(argv) > 1:
+            fail(f"unexpected arguments: {argv[1:]}", EXIT_USAGE, usage)
+        config = train_main.start_command(usage)
+        if config.model.loss_type != "linear_probe":
+            fail(f"--config sets config.model.loss_type={config.model.loss_type!r}; python -m siim_jax.fewshot "
+                 "needs a few-shot recipe (configs/fewshot_*.py)", EXIT_USAGE, usage)
+        branch = _ENCODER.value or config.classifier.encoder
+        train_main.finish_training(
+            lambda: evaluate_few_shot(config, train_main._WORKDIR.value, _PRETRAINED.value, branch), summary_line)
+
+    app.run(main, flags_parser=flags_parser(usage))
 
 
 def export_finetuned(workdir: str) -> str:

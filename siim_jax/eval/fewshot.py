@@ -1,7 +1,9 @@
 """MSN's 1% few-shot protocol (SPEC section 5), the logic of `python -m siim_jax.fewshot`: the class token of
-the last block (config.fewshot.feature) of the training subset and of the validation split (resize 256 + centre
-crop, no augmentation), centred and L2-normalised with the subset's statistics, then multinomial logistic
-regression with L2 penalty lambda / n_train solved on device (L-BFGS, siim_jax/eval/logistic.py).
+the last block (config.fewshot.feature), computed in float32 whatever config.model.dtype, of the training subset
+and of the validation split (bilinear resize 256 + centre crop, no augmentation), each feature vector centred on
+its own mean and L2-normalised on its own (cyanure's row preprocessing; nothing shared between samples or
+splits), then multinomial logistic regression with L2 penalty lambda / n_train solved on device (L-BFGS,
+siim_jax/eval/logistic.py).
 """
 
 import json
@@ -9,29 +11,23 @@ import logging
 import os
 import time
 
-from absl import app, flags
-
-from siim_jax.cli import EXIT_USAGE, fail, flags_parser
-from siim_jax.eval import command  # --pretrained, --encoder
-from siim_jax.train import main as train_main  # --config, --workdir and the multi-process flags
-
-USAGE = ("usage: python -m siim_jax.fewshot --config configs/fewshot_<recipe>.py --pretrained <workdir | .pth | "
-         ".safetensors | none> --workdir <dir> [--encoder online|target] [--config.key=value ...]")
 log = logging.getLogger("siim_jax.fewshot")
+EVAL_RESAMPLE = "bilinear"  # official main_logistic.py: torchvision's default Resize(256)
+FEATURE_DTYPE = "float32"  # official: the encoder runs in float32 (no autocast) for the features
 
 
 def encoder_features(config, feature_fn, state, source, mesh):
     """feature_fn's features of every image of `source` (eval crop), on device: (features (M, D), labels (M,),
     valid (M,)) sharded along M (M >= len(source): padded; undecodable images are valid=False)."""
     from siim_jax.data.classification import LabelledBatches
-    from siim_jax.eval.evaluators import batch_features, padded_batch_size, progress
     from siim_jax.parallel.sharding import local_rows, owned_rows_mask
+    from siim_jax.train.evaluators import batch_features, padded_batch_size, progress
 
     rules = config.mesh.logical_axis_rules
     batch = padded_batch_size(config.fewshot.batch_size, mesh, rules)
     batches = LabelledBatches(source, batch, config.model.image_size, config.seed, train=False,
                               rows=local_rows(mesh, rules, batch), owned=owned_rows_mask(mesh, rules, batch),
-                              num_threads=config.data.threads)
+                              num_threads=config.data.threads, eval_resample=EVAL_RESAMPLE)
 
     def host_batches():
         for host, skipped in progress(batches.iterate(0), "features", batches.num_steps):
@@ -50,15 +46,21 @@ def evaluate_few_shot(config, workdir: str, pretrained: str, branch: str) -> dic
 
     from siim_jax.config import ConfigError, validate
     from siim_jax.data.sources import SubsetSource, open_source
-    from siim_jax.eval.evaluators import make_feature_fn
-    from siim_jax.eval.logistic import centre_and_normalise, few_shot_subset, fit_logistic_regression
-    from siim_jax.eval.pretrained import pretrained_encoder, with_pretrained_encoder
+    from siim_jax.eval.logistic import centre_and_normalise_rows, few_shot_subset, fit_logistic_regression
+    from siim_jax.eval.pretrained import (NO_PRETRAINING, pretrained_encoder, record_pretrained,
+                                          with_pretrained_encoder)
     from siim_jax.methods import get_method
     from siim_jax.parallel.sharding import create_mesh
+    from siim_jax.train.evaluators import make_feature_fn
     from siim_jax.train.state import init_train_state
     from siim_jax.train.workdir_lock import WorkdirLock
 
     validate(config)
+    if config.model.dtype != FEATURE_DTYPE:
+        print(f"few-shot: the encoder runs in {FEATURE_DTYPE} (config.model.dtype={config.model.dtype!r} ignored), "
+              "as the official protocol does", flush=True)
+        config = config.copy_and_resolve_references()
+        config.model.dtype = FEATURE_DTYPE
     method = get_method(config)
     f = config.fewshot
     if (f.per_class > 0) == bool(f.subset_file):
@@ -69,13 +71,13 @@ def evaluate_few_shot(config, workdir: str, pretrained: str, branch: str) -> dic
         started = time.perf_counter()
         mesh = create_mesh(config.mesh)
         graphdef, _, state, shardings = init_train_state(method, mesh, lambda step: 0.0)
-        if pretrained != command.NO_PRETRAINING:
+        if pretrained != NO_PRETRAINING:
             state_dict, origin = pretrained_encoder(pretrained, branch)
             print(f"pretrained encoder: {origin}, {len(state_dict)} arrays", flush=True)
             state = with_pretrained_encoder(state_dict)(method, state)
         else:
             print("pretrained encoder: none (random initialisation, a baseline)", flush=True)
-        command.record_pretrained(workdir, pretrained, branch)
+        record_pretrained(workdir, pretrained, branch)
 
         train = open_source(config.data, config.seed)
         labels = np.asarray([train.label(i) for i in range(len(train))])
@@ -95,7 +97,7 @@ def evaluate_few_shot(config, workdir: str, pretrained: str, branch: str) -> dic
         y_train = jnp.asarray(jax.device_get(train_labels))[keep]
         val_feats, val_labels, val_valid = encoder_features(
             config, feature_fn, state, open_source(config.data, config.seed, "validation"), mesh)
-        x_train, x_val = centre_and_normalise(x_train, val_feats)
+        x_train, x_val = centre_and_normalise_rows(x_train), centre_and_normalise_rows(val_feats)
         n = len(keep)
         weights, info = fit_logistic_regression(x_train, y_train, config.classifier.num_classes, f.l2 / n,
                                                 max_iter=f.max_iter, return_info=True)
@@ -122,21 +124,3 @@ def summary_line(s: dict) -> str:
             f"{s['iterations']} L-BFGS iterations), {s['n_val']} validation images, top1: {s['top1']:.4f}, "
             f"workdir {s['workdir']}")
 
-
-def _main(argv):
-    if len(argv) > 1:
-        fail(f"unexpected arguments: {argv[1:]}", EXIT_USAGE, USAGE)
-    config = train_main.start_command(USAGE)
-    if config.model.loss_type != "linear_probe":
-        fail(f"--config sets config.model.loss_type={config.model.loss_type!r}; python -m siim_jax.fewshot needs a "
-             "few-shot recipe (configs/fewshot_*.py)", EXIT_USAGE, USAGE)
-    branch = command._ENCODER.value or config.classifier.encoder
-    train_main.finish_training(
-        lambda: evaluate_few_shot(config, train_main._WORKDIR.value, command._PRETRAINED.value, branch),
-        summary_line)
-
-
-def run_fewshot_command() -> None:
-    """`python -m siim_jax.fewshot`: the protocol on the encoder from --pretrained, one summary line."""
-    flags.mark_flag_as_required("pretrained")
-    app.run(_main, flags_parser=flags_parser(USAGE))

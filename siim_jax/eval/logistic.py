@@ -1,5 +1,6 @@
-"""1% few-shot protocol (MSN's): centred, L2-normalised frozen features -> L2-penalised multinomial logistic
-regression solved on device with L-BFGS, and the few-shot training subsets (k per class or the ImageNet 1% list).
+"""1% few-shot protocol (MSN's): per-sample centred, L2-normalised frozen features -> L2-penalised multinomial
+logistic regression solved on device with L-BFGS, and the few-shot training subsets (k per class or the ImageNet
+1% list).
 
 Objective (cyanure's convention, which MSN's `logistic_eval.py` uses with lambd = 0.1 / n_train for ViT-B):
 
@@ -20,18 +21,15 @@ import optax
 _HIGHEST = jax.lax.Precision.HIGHEST  # full float32 matmuls (no TF32 / bf16 passes on GPU / TPU)
 
 
-def centre_and_normalise(train_features, *others):
-    """train_features (N, D), others (M_k, D). Subtracts the TRAIN mean from every array, then L2-normalises
-    each row (rows of zero norm stay zero). Returns (train, *others), float32 arrays (JAX; sharding kept)."""
-    train_features = jnp.asarray(train_features, jnp.float32)
-    mean = jnp.mean(train_features, axis=0)
-
-    def apply(features):
-        centred = jnp.asarray(features, jnp.float32) - mean
-        norm = jnp.linalg.norm(centred, axis=1, keepdims=True)
-        return centred / jnp.where(norm > 0, norm, 1.0)
-
-    return (apply(train_features),) + tuple(apply(f) for f in others)
+def centre_and_normalise_rows(features):
+    """features (N, D) -> float32 (N, D): each row minus the mean of its own D values, then divided by its own
+    L2 norm (rows of zero norm stay zero). cyanure's `preprocess(X, normalize=True, columns=False,
+    centering=True)` as the official `main_logistic.py` calls it: rows are samples and no statistic is shared
+    across them, so the training and validation features are processed separately (JAX; sharding kept)."""
+    features = jnp.asarray(features, jnp.float32)
+    centred = features - jnp.mean(features, axis=1, keepdims=True)
+    norm = jnp.linalg.norm(centred, axis=1, keepdims=True)
+    return centred / jnp.where(norm > 0, norm, 1.0)
 
 
 def logistic_objective(params: dict, features, labels, l2):

@@ -2,15 +2,18 @@
 (.pth / .safetensors: a timm / MAE encoder or an official SiameseIM pretraining state), read through the strict,
 safe import of siim_jax.interop; the encoder goes into the evaluation model's encoder."""
 
+import json
 import logging
 import os
 
+import jax
 import numpy as np
 
 from siim_jax.interop import (CheckpointFileError, detect_kind, export_state_dict, import_state_dict,
                               load_workdir_state, read_state_dict, state_layout)
 
 log = logging.getLogger(__name__)
+NO_PRETRAINING = "none"  # --pretrained none: a randomly initialised encoder (the baseline)
 
 ENCODER_PREFIXES = ("patch_embed.", "blocks.", "norm.")
 ENCODER_KEYS = ("cls_token", "pos_embed")
@@ -55,4 +58,14 @@ def with_pretrained_encoder(state_dict: dict[str, np.ndarray]):
         kept = {k: v for k, v in state_dict.items() if k not in unused}
         return import_state_dict(method, state, kept, kind="encoder", log=log.info)
     return load
+
+
+def record_pretrained(workdir: str, pretrained: str, branch: str) -> None:
+    """<workdir>/pretrained.json: where the encoder came from (process 0)."""
+    if jax.process_index() != 0:
+        return
+    os.makedirs(workdir, exist_ok=True)
+    where = pretrained if pretrained == NO_PRETRAINING else os.path.abspath(pretrained)
+    with open(os.path.join(workdir, "pretrained.json"), "w") as f:
+        json.dump({"pretrained": where, "encoder": branch}, f)
 

@@ -13,6 +13,7 @@ import jax
 import ml_collections
 import numpy as np
 
+from siim_jax.cli import RunError
 from siim_jax.config import base_config
 from siim_jax.interop.files import CheckpointFileError
 from siim_jax.interop.keys import TO_TORCH, FixedKey, Layout, fixed_value, from_torch, state_layout
@@ -25,7 +26,7 @@ LISTED = 30  # keys listed per category in an error message
 FIXED_TABLE_TOLERANCE = 1e-5  # a stored sin-cos table (float32 of a float64 computation) vs ours
 
 
-class StateDictMismatchError(ValueError):
+class StateDictMismatchError(RunError, ValueError):
     """A state dict whose keys, shapes or fixed values do not fit the model; the message lists them all."""
 
 

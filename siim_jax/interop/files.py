@@ -11,6 +11,8 @@ import os
 
 import numpy as np
 
+from siim_jax.cli import RunError
+
 SAFETENSORS_SUFFIX = ".safetensors"
 INTEGER_KEY_SUFFIXES = ("num_batches_tracked",)  # the only keys that may hold integers
 
@@ -41,7 +43,7 @@ def _read_safetensors(path: str) -> dict:
     return out
 
 
-class CheckpointFileError(ValueError):
+class CheckpointFileError(RunError, ValueError):
     """A file that cannot be read as a state dict, or holds arrays of a kind we refuse."""
 
 

@@ -17,7 +17,7 @@ from siim_jax.data.finetune_augment import (mixup_cutmix, random_erasing, smooth
 from siim_jax.data.photometric import normalize
 from siim_jax.data.randaugment import rand_augment
 from siim_jax.methods.base import Method, path_names
-from siim_jax.methods.optimizers import finetune_optimizer, lars
+from siim_jax.methods.optimizers import finetune_optimizer, finetune_trainable_labels, lars
 from siim_jax.models.classifier import FinetuneClassifier, LinearProbeClassifier
 from siim_jax.models.flops import block_flops, patch_embed_flops
 from siim_jax.models.variants import VIT_VARIANTS
@@ -41,7 +41,7 @@ class ClassificationMethod(Method):
         c = self.config
         return LabelledBatches(source, c.batch_size, c.model.image_size, c.seed, train=True, rows=rows, owned=owned,
                                num_threads=c.data.threads, augment=self.host_augment(),
-                               crop_scale=(c.data.crop_min, 1.0))
+                               crop_scale=(c.data.crop_min, 1.0), train_crop=c.classifier.train_crop)
 
     def host_augment(self):
         """Per-image host augmentation after the crop and flip, or None."""
@@ -95,20 +95,23 @@ class LinearProbeMethod(ClassificationMethod):
 
 
 class FinetuneMethod(ClassificationMethod):
-    """Everything trains: AdamW with layer-wise lr decay, drop path, RandAugment (host), random erasing, mixup /
-    cutmix with label smoothing (device, in timm's order)."""
+    """Everything but the position table trains (official: requires_grad=False): AdamW with layer-wise lr decay,
+    drop path, RandAugment (host), random erasing, mixup / cutmix with label smoothing (device, in timm's
+    order)."""
 
     name = "finetune"
 
     def create_model(self, seed):
         return FinetuneClassifier(self.config, rngs=nnx.Rngs(seed))
 
+    def trainable_labels(self, params):
+        return finetune_trainable_labels(params)
+
     def make_optimizer(self, params, learning_rate):
         o = self.config.optim
         depth = VIT_VARIANTS[self.config.model.variant][1]
-        tx = finetune_optimizer(learning_rate, params, depth, layer_decay=self.config.classifier.layer_decay,
-                                weight_decay=o.weight_decay, b1=o.b1, b2=o.b2)
-        return optax.chain(optax.clip_by_global_norm(o.clip_norm), tx) if o.clip_norm > 0 else tx
+        return finetune_optimizer(learning_rate, params, depth, layer_decay=self.config.classifier.layer_decay,
+                                  weight_decay=o.weight_decay, b1=o.b1, b2=o.b2, clip_norm=o.clip_norm)
 
     def host_augment(self):
         c = self.config.classifier

@@ -87,24 +87,36 @@ def scale_by_tree(scales) -> optax.GradientTransformation:
     return optax.GradientTransformation(lambda _: optax.EmptyState(), update)
 
 
+def finetune_trainable_labels(params: dict) -> dict:
+    """'frozen' for the position table (official: requires_grad=False, in no parameter group), 'train' for every
+    other leaf of the fine-tune model's params."""
+    return jax.tree_util.tree_map_with_path(
+        lambda path, _: "frozen" if path_names(path)[-1] == FIXED_POSITION_TABLE else "train", params)
+
+
 def finetune_optimizer(learning_rate: optax.ScalarOrSchedule, params: dict, depth: int, layer_decay: float = 0.65,
                        weight_decay: float = 0.05, b1: float = 0.9, b2: float = 0.999,
-                       no_decay: Collection[str] | Callable = NO_DECAY_NAMES) -> optax.GradientTransformation:
+                       no_decay: Collection[str] | Callable = NO_DECAY_NAMES,
+                       clip_norm: float = 0.0) -> optax.GradientTransformation:
     """AdamW (eps 1e-8) with layer-wise lr decay, as MAE's fine-tune (param_groups_lrd + torch AdamW):
 
         p <- p - lr(step) * scale * (adam(g) + weight_decay * decay_mask * p),
         scale = layer_decay ** (depth + 1 - layer_id(path))
 
-    i.e. the layer scale multiplies the whole step, the decoupled weight decay included. `params` is the
-    fine-tune model's pure dict ({"encoder": ..., "fc_norm": ..., "head": ...}; only its paths and ranks are
-    read); updates must have its structure. `no_decay`: names of leaves (last key) exempt from weight decay on
-    top of all arrays of rank <= 1; or a callable params -> bool pytree, True = no weight decay on that leaf.
+    i.e. the layer scale multiplies the whole step, the decoupled weight decay included. The position table
+    (finetune_trainable_labels) is in no group: no update and no optimiser state. `params` is the fine-tune
+    model's pure dict ({"encoder": ..., "fc_norm": ..., "head": ...}; only its paths and ranks are read);
+    updates must have its structure. `no_decay`: names of leaves (last key) exempt from weight decay on top of
+    all arrays of rank <= 1; or a callable params -> bool pytree, True = no weight decay on that leaf.
+    `clip_norm` > 0: first clip the global norm of the trained leaves' gradients.
     """
     if callable(no_decay):
         mask = jax.tree.map(lambda exempt: not exempt, no_decay(params))
     else:
         mask = weight_decay_mask(params, exempt=no_decay)
-    return optax.chain(
-        optax.adamw(learning_rate, b1=b1, b2=b2, eps=1e-8, weight_decay=weight_decay, mask=mask),
-        scale_by_tree(layer_decay_scales(params, depth, layer_decay)),
-    )
+    train = [optax.adamw(learning_rate, b1=b1, b2=b2, eps=1e-8, weight_decay=weight_decay, mask=mask),
+             scale_by_tree(layer_decay_scales(params, depth, layer_decay))]
+    if clip_norm > 0:
+        train.insert(0, optax.clip_by_global_norm(clip_norm))
+    return optax.multi_transform({"train": optax.chain(*train), "frozen": optax.set_to_zero()},
+                                 finetune_trainable_labels(params))

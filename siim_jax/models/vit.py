@@ -184,9 +184,10 @@ class PatchEmbed(nnx.Module):
 class VisionTransformer(nnx.Module):
     """ViT encoder with a frozen position table (zero class row) and a learnable class token.
 
-    `pos_embed` (1, 1 + grid^2, D) starts as the fixed 2-D sin-cos table and is never trained (train/state.py
-    labels it frozen); it is a parameter so that imported weights (e.g. a fine-tuned ViT with a learned table,
-    or one interpolated to another resolution) can replace it.
+    `pos_embed` (1, 1 + grid^2, D) starts as the fixed 2-D sin-cos table and is never trained, in pretraining or
+    fine-tuning (the methods' trainable_labels mark it frozen: no update, no optimiser state); it is a parameter
+    so that imported weights (e.g. a fine-tuned ViT with a learned table, or one interpolated to another
+    resolution) can replace it.
     """
 
     def __init__(self, *, width: int, depth: int, heads: int, patch: int, image_size: int, mlp_ratio: float = 4.0,

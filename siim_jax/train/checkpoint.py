@@ -20,20 +20,21 @@ import jax
 import ml_collections
 import orbax.checkpoint as ocp
 
+from siim_jax.cli import RunError
 from siim_jax.train.state import all_finite
 
 log = logging.getLogger(__name__)
 
 
-class CheckpointMismatchError(ValueError):
+class CheckpointMismatchError(RunError, ValueError):
     pass
 
 
-class CheckpointUnusableError(RuntimeError):
+class CheckpointUnusableError(RunError, RuntimeError):
     """No checkpoint of the workdir can be restored; the message names the directory and what to do."""
 
 
-class NonFiniteStateError(RuntimeError):
+class NonFiniteStateError(RunError, RuntimeError):
     """A train state with NaN / Inf values, refused before it is written."""
 
 

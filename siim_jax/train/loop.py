@@ -22,8 +22,9 @@ import numpy as np
 import tqdm
 
 from siim_jax import config as config_lib
+from siim_jax.cli import RunError
 from siim_jax.data.sources import open_source
-from siim_jax.eval.evaluators import build_evaluators
+from siim_jax.train.evaluators import build_evaluators, with_best_top1
 from siim_jax.methods import get_method
 from siim_jax.parallel.distributed import StopVote, sum_over_processes
 from siim_jax.parallel.sharding import batch_shards, create_mesh, global_batch, local_rows, owned_rows_mask
@@ -36,7 +37,7 @@ from siim_jax.train.workdir_lock import WorkdirLock
 log = logging.getLogger(__name__)
 
 
-class NonFiniteLossError(RuntimeError):
+class NonFiniteLossError(RunError, RuntimeError):
     pass
 
 
@@ -185,7 +186,7 @@ def _train_in_locked_workdir(method, workdir: str, stop_at_step: int | None, ini
 
     def evaluate(step):
         for evaluator in evaluators:
-            figures = evaluator.run(state)
+            figures = with_best_top1(evaluator.run(state), metrics_writer.records())
             metrics_writer.write(step, figures)
             log.info("step %d: %s", step, ", ".join(f"{k} {v:.4f}" for k, v in figures.items()))
 
@@ -276,6 +277,7 @@ def _train_in_locked_workdir(method, workdir: str, stop_at_step: int | None, ini
                "final_loss": logged_losses[-1] if logged_losses else math.nan,
                "knn_top1_start": knn[0] if knn else None, "knn_top1_end": knn[-1] if knn else None,
                "top1": validation[-1]["val_top1"] if validation else None,
+               "top1_best": max(r["val_top1"] for r in validation) if validation else None,
                "top5": validation[-1]["val_top5"] if validation else None,
                "data_skipped_total": skipped_before + sum_over_processes(skipped_here),
                "checkpoint": checkpoints.path(final_step), "workdir": os.path.abspath(workdir)}
@@ -286,7 +288,8 @@ def format_summary(s: dict) -> str:
     knn = (f"knn_top1 {s['knn_top1_start']:.3f} (step 0) -> {s['knn_top1_end']:.3f} (step {s['step']})"
            if s["knn_top1_start"] is not None else "knn off")
     if s.get("top1") is not None:  # a classifier: its validation figures
-        knn = f"top1: {s['top1']:.4f}, top5: {s['top5']:.4f} (validation, step {s['step']})"
+        knn = (f"top1: {s['top1']:.4f}, top1_best: {s['top1_best']:.4f}, top5: {s['top5']:.4f} "
+               f"(validation at step {s['step']}; top1_best over all evaluations)")
     status = "interrupted at" if s["interrupted"] else "done:"
     skipped = f", {s['data_skipped_total']} undecodable images skipped" if s.get("data_skipped_total") else ""
     return (f"{status} step {s['step']}/{s['total_steps']}, final loss {s['final_loss']:.4f}, {knn}{skipped}, "

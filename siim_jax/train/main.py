@@ -8,7 +8,7 @@ import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from siim_jax.cli import EXIT_FAILED, EXIT_STOPPED, EXIT_USAGE, fail, flags_parser
+from siim_jax.cli import EXIT_FAILED, EXIT_STOPPED, EXIT_USAGE, RunError, fail, flags_parser
 
 USAGE = "usage: python -m siim_jax.train --config configs/<recipe>.py --workdir <dir> [--config.key=value ...]"
 
@@ -62,19 +62,12 @@ def finish_training(run, summary_line=None) -> None:
     failure into one error line and its exit status, prints the summary line (`summary_line(summary)`, default
     the trainer's), and exits 75 when the run stopped on request (resumable)."""
     from siim_jax.config import ConfigError
-    from siim_jax.data.pipeline import TooManyBadImagesError
-    from siim_jax.data.sources import SourceError
-    from siim_jax.interop import CheckpointFileError, StateDictMismatchError
-    from siim_jax.train.checkpoint import (CheckpointMismatchError, CheckpointUnusableError, CheckpointWriteError,
-                                           NonFiniteStateError)
-    from siim_jax.train.loop import NonFiniteLossError, format_summary
-    from siim_jax.train.workdir_lock import WorkdirBusyError
+    from siim_jax.train.checkpoint import CheckpointWriteError
+    from siim_jax.train.loop import format_summary
 
     try:
         summary = run()
-    except (ConfigError, SourceError, TooManyBadImagesError, CheckpointMismatchError, CheckpointUnusableError,
-            NonFiniteLossError, NonFiniteStateError, WorkdirBusyError, CheckpointFileError,
-            StateDictMismatchError) as e:
+    except (ConfigError, RunError) as e:
         fail(str(e), EXIT_FAILED)
     except CheckpointWriteError as e:
         print("error: " + " ".join(str(e).split()), file=sys.stderr, flush=True)

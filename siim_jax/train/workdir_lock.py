@@ -19,6 +19,8 @@ import socket
 import threading
 import time
 
+from siim_jax.cli import RunError
+
 try:
     import fcntl
 except ImportError:  # not POSIX
@@ -30,7 +32,7 @@ HEARTBEAT_SECONDS = 30.0
 STALE_SECONDS = 300.0
 
 
-class WorkdirBusyError(RuntimeError):
+class WorkdirBusyError(RunError, RuntimeError):
     """Another live run holds the workdir; the message names its host and process id."""
 
 

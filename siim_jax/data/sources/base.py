@@ -17,13 +17,15 @@ from typing import Callable
 
 import numpy as np
 
+from siim_jax.cli import RunError
+
 SPLITS = ("train", "validation")
 
 # kind (the part of config.data.source before ":") -> opener(location, data_config, seed, split) -> source
 OPENERS: dict[str, Callable] = {}
 
 
-class SourceError(ValueError):
+class SourceError(RunError, ValueError):
     """A data source that cannot be opened; the message names the bad value and the fix."""
 
 

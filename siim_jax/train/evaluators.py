@@ -2,7 +2,7 @@
 jitted functions and `run(state)` returns named figures, the same on every process.
 
 - "knn": weighted k-NN top-1 of the method's encoder feature (mean patch token), bank and queries on device
-  (siim_jax/eval/knn.py); the k-NN monitor of pretraining.
+  (siim_jax/train/knn.py); the k-NN monitor of pretraining.
 - "validation": top-1 / top-5 of a classifier (linear probe, fine-tune) on the validation split, official eval
   crop; padded rows masked, every image counted once over all processes.
 """
@@ -22,7 +22,7 @@ from siim_jax.data.classification import LabelledBatches
 from siim_jax.data.photometric import normalize
 from siim_jax.data.sources import ArraySource, BadImageError, load_rgb, make_builtin_images, open_source
 from siim_jax.data.views import eval_view
-from siim_jax.eval.knn import knn_top1
+from siim_jax.train.knn import knn_top1
 from siim_jax.parallel.sharding import (batch_sharding, batch_shards, global_batch, jit_in_mesh, local_rows,
                                         owned_rows_mask, replicated)
 
@@ -160,6 +160,15 @@ class KnnEvaluator:
                         num_classes=self.num_classes, mesh=self.mesh,
                         batch_axes=(axes,) if isinstance(axes, str) else tuple(axes))
         return {"knn_top1": top1}
+
+
+def with_best_top1(figures: dict, records: list[dict]) -> dict:
+    """figures plus "val_top1_best" (the best val_top1 of the earlier `records` and of figures: what the official
+    scripts report) when figures has "val_top1"; else figures unchanged."""
+    if "val_top1" not in figures:
+        return figures
+    earlier = [r["val_top1"] for r in records if "val_top1" in r]
+    return {**figures, "val_top1_best": max(earlier + [figures["val_top1"]])}
 
 
 class ValidationEvaluator:
