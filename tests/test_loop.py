@@ -1,6 +1,7 @@
 """The training loop and the command line: resume, interruption, bad input, the demo recipe."""
 
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -11,6 +12,7 @@ import numpy as np
 import pytest
 
 from conftest import tiny_config
+from state_compare import RESUME_LOGGER, assert_same_state, resumed_from
 from siim_jax.config import ConfigError
 from siim_jax.train.checkpoint import CheckpointMismatchError
 from siim_jax.train.loop import NonFiniteLossError, train_and_evaluate
@@ -23,8 +25,10 @@ def losses(workdir):
         return {r["step"]: r["loss"] for r in map(json.loads, f) if "loss" in r}
 
 
-def test_interrupt_and_resume_gives_the_same_losses(tmp_path):
-    config = tiny_config()
+def test_interrupt_and_resume_gives_the_same_losses(tmp_path, caplog):
+    """Losses, and the whole train state of the final checkpoint (step, params, EMA params, optimiser state,
+    BatchNorm statistics, counters), equal the uninterrupted run's; the relaunch resumed from step 3."""
+    config = tiny_config()  # both runs save their final step 6 (keep_checkpoints=3, checkpoint_every_steps=2)
     full = train_and_evaluate(config, str(tmp_path / "full"))
     assert full["step"] == 6 and not full["interrupted"]
 
@@ -34,8 +38,13 @@ def test_interrupt_and_resume_gives_the_same_losses(tmp_path):
     assert os.path.isdir(os.path.join(split, "checkpoints", "3"))
     with open(os.path.join(split, "metrics.jsonl"), "a") as f:
         f.write('{"step": 4, "loss": 1.0}\n{"step": 5, "lo')  # logged past the checkpoint, then a crash
-    second = train_and_evaluate(config, split)
+    with caplog.at_level(logging.INFO, logger=RESUME_LOGGER):
+        second = train_and_evaluate(config, split)
     assert second["step"] == 6 and not second["interrupted"]
+    assert resumed_from(caplog.text) == 3
+    # same mesh, same process: the resumed run computes exactly what the uninterrupted one does
+    compared = assert_same_state(split, tmp_path / "full", rtol=1e-6, atol=1e-7)
+    assert all(compared[k] for k in ("step", "params", "ema_params", "opt_state", "batch_stats")), compared
 
     expected, resumed = losses(tmp_path / "full"), losses(split)
     assert sorted(resumed) == sorted(expected) == [1, 2, 3, 4, 5, 6]
@@ -45,17 +54,22 @@ def test_interrupt_and_resume_gives_the_same_losses(tmp_path):
 
 
 @pytest.mark.slow
-def test_a_checkpoint_written_on_one_mesh_resumes_on_another(tmp_path):
-    """8-way data parallel -> 2x2x2 data x fsdp x tensor, the losses of an uninterrupted run."""
+def test_a_checkpoint_written_on_one_mesh_resumes_on_another(tmp_path, caplog):
+    """8-way data parallel -> 2x2x2 data x fsdp x tensor: resumed from step 3, the losses and whole final train
+    state of an uninterrupted run."""
     config = tiny_config()
     train_and_evaluate(config, str(tmp_path / "full"))
     expected = losses(tmp_path / "full")
     other_mesh = str(tmp_path / "other_mesh")
     train_and_evaluate(config, other_mesh, stop_at_step=3)
     remeshed = tiny_config(**{"mesh.data": 2, "mesh.fsdp": 2, "mesh.tensor": 2})
-    assert train_and_evaluate(remeshed, other_mesh)["step"] == 6
+    with caplog.at_level(logging.INFO, logger=RESUME_LOGGER):
+        assert train_and_evaluate(remeshed, other_mesh)["step"] == 6
+    assert resumed_from(caplog.text) == 3
     moved = losses(other_mesh)
     np.testing.assert_allclose([moved[s] for s in range(1, 7)], [expected[s] for s in range(1, 7)], rtol=1e-4)
+    # another mesh sums in another order: equal up to float rounding
+    assert_same_state(other_mesh, tmp_path / "full", rtol=1e-5, atol=1e-7)
 
 
 def test_checkpoint_of_another_model_is_a_readable_error(tmp_path):
@@ -65,7 +79,7 @@ def test_checkpoint_of_another_model_is_a_readable_error(tmp_path):
 
 
 @pytest.mark.slow
-def test_poisoned_update_is_never_checkpointed_and_a_sane_rerun_finishes(tmp_path):
+def test_poisoned_update_is_never_checkpointed_and_a_sane_rerun_finishes(tmp_path, caplog):
     # the issue's reproduction: step 1's loss and gradient norm are finite, but its update blows the weights up
     # (finite, ~1e28), so step 2's loss is NaN; the checkpoint of step 1 must not be what a rerun resumes from
     config = tiny_config(**{"optim.blr": 1e30, "warmup_steps": 0, "checkpoint_every_steps": 1,
@@ -75,7 +89,9 @@ def test_poisoned_update_is_never_checkpointed_and_a_sane_rerun_finishes(tmp_pat
     assert not [d for d in os.listdir(tmp_path / "checkpoints") if d.isdigit()], "a diverging state is kept"
     assert [d.split("-")[0] for d in os.listdir(tmp_path / "checkpoints_unusable")] == ["1"]  # moved, not deleted
     sane = tiny_config(**{"warmup_steps": 0, "checkpoint_every_steps": 1, "total_steps": 4})
-    summary = train_and_evaluate(sane, str(tmp_path))
+    with caplog.at_level(logging.INFO, logger=RESUME_LOGGER):
+        summary = train_and_evaluate(sane, str(tmp_path))
+    assert resumed_from(caplog.text) is None  # started afresh, not from the diverging step 1
     assert summary["step"] == 4 and np.isfinite(summary["final_loss"])
 
 

@@ -1,10 +1,12 @@
 """Several local processes as one JAX run (launch/local.sh, gloo collectives over localhost), as on a pod.
 
 References run in this test process (1 process x 8 fake devices) with the same recipe; the multi-process runs
-must log the same losses, resume each other's checkpoints, and stop together.
+must log the same losses, end in the same train state (every leaf of the final checkpoint, within float rounding:
+RTOL), resume each other's checkpoints from the step asserted, and stop together.
 """
 
 import json
+import logging
 import os
 import shutil
 import signal
@@ -12,10 +14,13 @@ import socket
 import subprocess
 import sys
 import time
+import typing
 
 import pytest
 
 from conftest import recipe_config
+from state_compare import (RESUME_LOGGER, assert_same_state, checkpoints_before_relaunch, expected_resume_step,
+                           resumed_from)
 from siim_jax.train.loop import train_and_evaluate
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -47,6 +52,9 @@ def local_sh(processes: int, devices: int, workdir, **overrides):
                           cwd=REPO, capture_output=True, text=True, timeout=900)
 
 
+RTOL, ATOL = 1e-5, 1e-7  # another mesh / another process count sums in another order: float rounding only
+
+
 def losses(workdir) -> dict:
     with open(os.path.join(workdir, "metrics.jsonl")) as f:
         return {r["step"]: r["loss"] for r in map(json.loads, f) if "loss" in r}
@@ -75,13 +83,15 @@ def test_two_processes_of_two_devices_log_the_losses_of_one_process(tmp_path):
     assert done.stdout.count("done: step 3/3") == 2
     assert "process 1/2, local devices 2, global devices 4" in done.stderr
     assert_same_losses(losses(tmp_path / "two"), losses(reference), range(1, 4))
+    assert_same_state(tmp_path / "two", reference, rtol=RTOL, atol=ATOL)
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("mesh", list(MESHES))
-def test_processes_log_the_losses_of_one_process_and_resume_each_other(mesh, tmp_path):
+def test_processes_log_the_losses_of_one_process_and_resume_each_other(mesh, tmp_path, caplog):
     """2 x 4 devices (4 x 2 for fsdp x tensor, whose tensor axis then spans process pairs that feed the same
-    rows) log the losses of 1 x 8; the data mesh also resumes 2 -> 1 and 1 -> 2 processes."""
+    rows) log the losses and end in the train state of 1 x 8; the data mesh also resumes 2 -> 1 and 1 -> 2
+    processes (from step 3, asserted), ending in the state of the uninterrupted 1-process run."""
     processes, devices = (4, 2) if mesh == "fsdp_x_tensor" else (2, 4)
     reference = tmp_path / "one"
     summary = train_and_evaluate(recipe(**MESHES[mesh]), str(reference))
@@ -93,21 +103,26 @@ def test_processes_log_the_losses_of_one_process_and_resume_each_other(mesh, tmp
     assert done.stdout.count("done: step 6/6") == processes
     assert f"process {processes - 1}/{processes}, local devices {devices}, global devices 8" in done.stderr
     assert_same_losses(losses(tmp_path / "many"), expected, range(1, 7))
+    assert_same_state(tmp_path / "many", reference, rtol=RTOL, atol=ATOL)
     if mesh != "data":
         return
 
     # a checkpoint of 2 processes goes on in 1 ...
     shutil.copytree(tmp_path / "many", tmp_path / "many_then_one")
     keep_only_step(tmp_path / "many_then_one", 3)
-    train_and_evaluate(recipe(**MESHES[mesh]), str(tmp_path / "many_then_one"))
+    with caplog.at_level(logging.INFO, logger=RESUME_LOGGER):
+        train_and_evaluate(recipe(**MESHES[mesh]), str(tmp_path / "many_then_one"))
+    assert resumed_from(caplog.text) == 3
     assert_same_losses(losses(tmp_path / "many_then_one"), expected, range(1, 7))
+    assert_same_state(tmp_path / "many_then_one", reference, rtol=RTOL, atol=ATOL)
     # ... and one of 1 process in 2
     shutil.copytree(reference, tmp_path / "one_then_many")
     keep_only_step(tmp_path / "one_then_many", 3)
     done = local_sh(2, 4, tmp_path / "one_then_many", **MESHES[mesh])
     assert done.returncode == 0, done.stderr[-3000:]
-    assert "resumed from" in done.stderr
+    assert resumed_from(done.stderr) == 3, done.stderr[-3000:]
     assert_same_losses(losses(tmp_path / "one_then_many"), expected, range(1, 7))
+    assert_same_state(tmp_path / "one_then_many", reference, rtol=RTOL, atol=ATOL)
 
 
 def _free_port() -> int:
@@ -141,16 +156,22 @@ def wait_for_step(workdir, step: int, procs, timeout=600):
 LONG = {"total_steps": 30, "checkpoint_every_steps": 1000, "warmup_steps": 2}
 
 
+class Reference(typing.NamedTuple):
+    losses: dict
+    workdir: str  # its final checkpoint (step 30) is the state a resumed run must end in
+
+
 @pytest.fixture(scope="module")
 def long_reference(tmp_path_factory):
-    """Losses of an uninterrupted 1-process run of the LONG recipe."""
+    """Losses and workdir of an uninterrupted 1-process run of the LONG recipe."""
     workdir = tmp_path_factory.mktemp("long_reference")
     train_and_evaluate(recipe(**LONG), str(workdir))
-    return losses(workdir)
+    return Reference(losses(workdir), str(workdir))
 
 
 @pytest.mark.slow
-def test_sigterm_to_one_process_stops_both_after_the_same_step_and_resumes_exactly(tmp_path, long_reference):
+def test_sigterm_to_one_process_stops_both_after_the_same_step_and_resumes_exactly(tmp_path, long_reference,
+                                                                                    caplog):
     workdir = tmp_path / "run"
     procs = start_processes(workdir, **LONG)
     wait_for_step(workdir, 2, procs)
@@ -163,10 +184,13 @@ def test_sigterm_to_one_process_stops_both_after_the_same_step_and_resumes_exact
     assert 2 <= stopped < 30
     assert sorted(int(n) for n in os.listdir(workdir / "checkpoints") if n.isdigit()) == [stopped]
     # the resumed run (here in one process) ends as the uninterrupted one
-    summary = train_and_evaluate(recipe(**LONG), str(workdir))
+    with caplog.at_level(logging.INFO, logger=RESUME_LOGGER):
+        summary = train_and_evaluate(recipe(**LONG), str(workdir))
+    assert resumed_from(caplog.text) == stopped
     assert summary["step"] == 30 and not summary["interrupted"]
     assert sorted(losses(workdir)) == list(range(1, 31))
-    assert_same_losses(losses(workdir), long_reference, range(1, 31))
+    assert_same_losses(losses(workdir), long_reference.losses, range(1, 31))
+    assert_same_state(workdir, long_reference.workdir, rtol=RTOL, atol=ATOL)
 
 
 @pytest.mark.slow
@@ -179,11 +203,15 @@ def test_kill_9_of_one_process_while_saving_then_a_relaunch_resumes_from_an_inta
     procs[1].send_signal(signal.SIGKILL)  # what a launcher does to the survivors
     for p in procs:
         p.communicate(timeout=60)
+    before = checkpoints_before_relaunch(workdir)
     done = local_sh(2, 4, workdir, **every_step)
     assert done.returncode == 0, done.stderr[-3000:]
-    assert "resumed from" in done.stderr
+    # from the newest step the kill left finished (the one being saved, if its save was cut short, is not)
+    resumed = resumed_from(done.stderr)
+    assert resumed is not None and resumed == expected_resume_step(before, workdir), (before, done.stderr[-3000:])
     assert sorted(losses(workdir)) == list(range(1, 31))
-    assert_same_losses(losses(workdir), long_reference, range(1, 31))
+    assert_same_losses(losses(workdir), long_reference.losses, range(1, 31))
+    assert_same_state(workdir, long_reference.workdir, rtol=RTOL, atol=ATOL)
 
 
 def test_hybrid_meshes_put_slices_on_the_outer_axes():

@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 
 from conftest import tiny_config
+from state_compare import assert_same_state, checkpoints_before_relaunch, expected_resume_step, resumed_from
 from siim_jax.config import ConfigError
 from siim_jax.train.checkpoint import (Checkpointer, CheckpointMismatchError, CheckpointUnusableError,
                                        NonFiniteStateError)
@@ -161,12 +162,6 @@ DEMO_RUN = ["--config", "configs/demo.py", "--config.batch_size=16", "--config.d
             "--config.model.image_size=32", "--config.data.raw_size=40", "--config.data.num_masked=10"]
 
 
-def final_params(workdir):
-    from siim_jax.interop import load_workdir_state
-    _, state = load_workdir_state(str(workdir))
-    return int(state.step), jax.tree.leaves(jax.device_get(state.params))
-
-
 @pytest.mark.slow
 def test_kill_9_at_random_points_then_relaunches_end_where_an_uninterrupted_run_does(tmp_path):
     reference = run_train(*DEMO_RUN, "--workdir", str(tmp_path / "reference"))
@@ -175,6 +170,7 @@ def test_kill_9_at_random_points_then_relaunches_end_where_an_uninterrupted_run_
     rng = random.Random(0)
     kills = 0
     for attempt in range(8):
+        before = checkpoints_before_relaunch(workdir)
         proc = subprocess.Popen([sys.executable, "-m", "siim_jax.train", *DEMO_RUN, "--workdir", str(workdir)],
                                 cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         if kills < 3:
@@ -196,13 +192,12 @@ def test_kill_9_at_random_points_then_relaunches_end_where_an_uninterrupted_run_
         out, err = proc.communicate(timeout=300)
         assert proc.returncode == 0, err[-3000:]
         assert out.strip().splitlines()[-1].startswith("done: step 24/24")
+        # it went on from the newest checkpoint the kills left (or, had that one been unreadable, the previous)
+        assert resumed_from(err) == expected_resume_step(before, workdir), (before, err[-3000:])
         break
     assert kills == 3
-    step, params = final_params(workdir)
-    expected_step, expected = final_params(tmp_path / "reference")
-    assert step == expected_step == 24
-    for a, b in zip(params, expected):
-        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
+    # the whole final state (step 24, params, EMA, optimiser state, BatchNorm statistics, counters)
+    assert_same_state(workdir, tmp_path / "reference", rtol=1e-6, atol=1e-7)
     logged = [json.loads(line)["step"] for line in open(workdir / "metrics.jsonl")]
     assert logged == list(range(1, 25))  # every step logged once, no gap, no duplicate
 
@@ -224,5 +219,6 @@ def test_a_full_disk_while_saving_is_one_error_line_and_the_rerun_finishes(tmp_p
     assert saved_steps(tmp_path) == []  # the half-written step is never a step folder that restore would take
     rerun = run_train(*run)
     assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert resumed_from(rerun.stderr) is None  # nothing finished was saved: it started afresh
     assert rerun.stdout.strip().splitlines()[-1].startswith("done: step 3/3")
     assert saved_steps(tmp_path) == [2, 3]
