@@ -127,3 +127,8 @@ class StopVote:
         flags = jax.make_array_from_process_local_data(self.sharding, local, (self.mesh.size,))
         self.pending.append(self.any(flags))
         return bool(self.pending.popleft()) if len(self.pending) > self.LAG else False
+
+    def now(self, stop_here: bool) -> bool:
+        """The agreed answer at once: blocks until every process has reached this call (outside the loop)."""
+        local = np.full((len(self.mesh.local_devices),), int(stop_here), np.int32)
+        return bool(self.any(jax.make_array_from_process_local_data(self.sharding, local, (self.mesh.size,))))

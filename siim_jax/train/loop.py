@@ -12,8 +12,6 @@ import json
 import logging
 import math
 import os
-import signal
-import threading
 import time
 
 import jax
@@ -24,14 +22,15 @@ import tqdm
 from siim_jax import config as config_lib
 from siim_jax.cli import RunError
 from siim_jax.data.sources import open_source
-from siim_jax.train.evaluators import build_evaluators, with_best_top1
 from siim_jax.methods import get_method
 from siim_jax.parallel.distributed import StopVote, sum_over_processes
 from siim_jax.parallel.sharding import batch_shards, create_mesh, global_batch, local_rows, owned_rows_mask
 from siim_jax.train.checkpoint import Checkpointer
+from siim_jax.train.evaluators import build_evaluators, with_best_top1
 from siim_jax.train.schedules import ema_momentum_fn, learning_rate_fn, training_length
 from siim_jax.train.state import abstract_train_state, init_train_state
 from siim_jax.train.step import jit_train_step
+from siim_jax.train.stop import StopRequest
 from siim_jax.train.workdir_lock import WorkdirLock
 
 log = logging.getLogger(__name__)
@@ -84,28 +83,6 @@ class MetricsWriter:
             self.tb.close()
 
 
-class StopRequest:
-    """SIGTERM / SIGINT set a flag the loop votes on between steps (StopVote: every process stops after the same
-    step, saves it, exits with the resumable status)."""
-
-    def __init__(self):
-        self.signal = None
-        self.previous = {}
-        if threading.current_thread() is threading.main_thread():  # handlers can only be set there
-            self.previous = {s: signal.signal(s, self._handle) for s in (signal.SIGTERM, signal.SIGINT)}
-
-    def _handle(self, signum, _frame):
-        if self.signal is not None and signum == signal.SIGINT:
-            raise KeyboardInterrupt  # a second Ctrl-C stops at once
-        self.signal = signum
-        log.warning("received %s: all processes stop within %d steps, save that step, then exit",
-                    signal.Signals(signum).name, StopVote.LAG + 1)
-
-    def restore(self):
-        for s, handler in self.previous.items():
-            signal.signal(s, handler)
-
-
 def device_prefetch(host_batches, mesh, rules, global_rows: int, size: int = 2):
     """(host rows of a batch, skipped) pairs -> (global device batch of `global_rows` rows, skipped), with the
     next `size` batches already on their way to the devices while the current step runs."""
@@ -139,6 +116,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, stop_at_
 
 
 def _train_in_locked_workdir(method, workdir: str, stop_at_step: int | None, initial_weights) -> dict:
+    """The run, with stop requests counted from its first line (the command's own StopRequest if it installed
+    one at start-up, else one for the length of the run)."""
+    stop = StopRequest.active or StopRequest()
+    try:
+        return _train(method, workdir, stop_at_step, initial_weights, stop)
+    finally:
+        if stop is not StopRequest.active:
+            stop.restore()
+
+
+def _train(method, workdir: str, stop_at_step: int | None, initial_weights, stop: StopRequest) -> dict:
     config = method.config
     if jax.process_index() == 0:
         with open(os.path.join(workdir, "config.json"), "w") as f:
@@ -193,7 +181,10 @@ def _train_in_locked_workdir(method, workdir: str, stop_at_step: int | None, ini
     if start == 0:
         evaluate(0)
 
-    stop, vote = StopRequest(), StopVote(mesh)
+    vote = StopVote(mesh)
+    # a stop requested during start-up, restore or the step-0 evaluation: every process stops here, before the
+    # first step; the newest checkpoint stays the run's last word (nothing trained since)
+    stopped_before_training = vote.now(stop.signal is not None)
     pending = []  # (step, device metrics) not yet checked for finiteness
     last_good = {}
 
@@ -221,11 +212,14 @@ def _train_in_locked_workdir(method, workdir: str, stop_at_step: int | None, ini
 
     progress = tqdm.tqdm(total=length.total_steps, initial=start, desc=method.name, unit="step",
                          dynamic_ncols=True, mininterval=1.0, disable=jax.process_index() != 0)
-    interrupted = False
+    interrupted = stopped_before_training
     try:
+        if stopped_before_training:
+            log.warning("stopped before the first step: step %d is where a rerun starts", start)
         timer, timed_steps = None, 0  # throughput over training steps only: no compilation, k-NN or saving
         device_batches = device_prefetch(batches.iterate(start), mesh, rules, config.batch_size)
-        for step_index, (batch, skipped) in zip(range(start, length.total_steps), device_batches):
+        end = start if stopped_before_training else length.total_steps
+        for step_index, (batch, skipped) in zip(range(start, end), device_batches):
             state, metrics = train_step(state, batch)
             stop_agreed = vote.step(stop.signal is not None)  # the same answer on every process
             skipped_here += len(skipped)
@@ -264,7 +258,6 @@ def _train_in_locked_workdir(method, workdir: str, stop_at_step: int | None, ini
                 timer, timed_steps = time.perf_counter(), 0
     finally:
         progress.close()
-        stop.restore()
         checkpoints.close()
         metrics_writer.close()
 

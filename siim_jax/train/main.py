@@ -9,6 +9,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from siim_jax.cli import EXIT_FAILED, EXIT_STOPPED, EXIT_USAGE, RunError, fail, flags_parser
+from siim_jax.train.stop import StopRequest
 
 USAGE = "usage: python -m siim_jax.train --config configs/<recipe>.py --workdir <dir> [--config.key=value ...]"
 
@@ -31,7 +32,8 @@ def main(argv):
 
 def start_command(usage: str):
     """What every training / evaluation entry point does first: logging, joining the other processes (one line
-    and exit 2 / 1 when that fails), and the recipe from --config (exit 2 when it does not load)."""
+    and exit 2 / 1 when that fails), the stop handler (again: joining replaces it), and the recipe from --config
+    (exit 2 when it does not load)."""
     from siim_jax.parallel import distributed
 
     logging.set_verbosity(logging.WARNING)  # library chatter (Orbax) off; siim_jax's own progress on
@@ -47,6 +49,7 @@ def start_command(usage: str):
         fail(f"could not join the other processes ({type(e).__name__}: {str(e).strip()[:300]}); check "
              "--coordinator_address (reachable from every process, port free) and that all --num_processes "
              "processes were started", EXIT_FAILED)
+    StopRequest.install()  # after joining: JAX's preemption notifier installs its own SIGTERM handler there
     own.info("devices: %s", jax.devices() if jax.device_count() <= 16 else f"{jax.device_count()} devices")
     try:
         config = _CONFIG.value
