@@ -69,7 +69,7 @@ def test_a_checkpoint_written_on_one_mesh_resumes_on_another(tmp_path, caplog):
     moved = losses(other_mesh)
     np.testing.assert_allclose([moved[s] for s in range(1, 7)], [expected[s] for s in range(1, 7)], rtol=1e-4)
     # another mesh sums in another order: equal up to float rounding
-    assert_same_state(other_mesh, tmp_path / "full", rtol=1e-5, atol=1e-7)
+    assert_same_state(other_mesh, tmp_path / "full", rtol=1e-5, atol=1e-6, other_mesh=True)
 
 
 def test_checkpoint_of_another_model_is_a_readable_error(tmp_path):

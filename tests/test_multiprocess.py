@@ -52,7 +52,7 @@ def local_sh(processes: int, devices: int, workdir, **overrides):
                           cwd=REPO, capture_output=True, text=True, timeout=900)
 
 
-RTOL, ATOL = 1e-5, 1e-7  # another mesh / another process count sums in another order: float rounding only
+RTOL, ATOL = 1e-5, 1e-6  # another mesh / another process count sums in another order: float rounding only
 
 
 def losses(workdir) -> dict:
@@ -83,7 +83,7 @@ def test_two_processes_of_two_devices_log_the_losses_of_one_process(tmp_path):
     assert done.stdout.count("done: step 3/3") == 2
     assert "process 1/2, local devices 2, global devices 4" in done.stderr
     assert_same_losses(losses(tmp_path / "two"), losses(reference), range(1, 4))
-    assert_same_state(tmp_path / "two", reference, rtol=RTOL, atol=ATOL)
+    assert_same_state(tmp_path / "two", reference, rtol=RTOL, atol=ATOL, other_mesh=True)
 
 
 @pytest.mark.slow
@@ -103,7 +103,7 @@ def test_processes_log_the_losses_of_one_process_and_resume_each_other(mesh, tmp
     assert done.stdout.count("done: step 6/6") == processes
     assert f"process {processes - 1}/{processes}, local devices {devices}, global devices 8" in done.stderr
     assert_same_losses(losses(tmp_path / "many"), expected, range(1, 7))
-    assert_same_state(tmp_path / "many", reference, rtol=RTOL, atol=ATOL)
+    assert_same_state(tmp_path / "many", reference, rtol=RTOL, atol=ATOL, other_mesh=True)
     if mesh != "data":
         return
 
@@ -114,7 +114,7 @@ def test_processes_log_the_losses_of_one_process_and_resume_each_other(mesh, tmp
         train_and_evaluate(recipe(**MESHES[mesh]), str(tmp_path / "many_then_one"))
     assert resumed_from(caplog.text) == 3
     assert_same_losses(losses(tmp_path / "many_then_one"), expected, range(1, 7))
-    assert_same_state(tmp_path / "many_then_one", reference, rtol=RTOL, atol=ATOL)
+    assert_same_state(tmp_path / "many_then_one", reference, rtol=RTOL, atol=ATOL, other_mesh=True)
     # ... and one of 1 process in 2
     shutil.copytree(reference, tmp_path / "one_then_many")
     keep_only_step(tmp_path / "one_then_many", 3)
@@ -122,7 +122,7 @@ def test_processes_log_the_losses_of_one_process_and_resume_each_other(mesh, tmp
     assert done.returncode == 0, done.stderr[-3000:]
     assert resumed_from(done.stderr) == 3, done.stderr[-3000:]
     assert_same_losses(losses(tmp_path / "one_then_many"), expected, range(1, 7))
-    assert_same_state(tmp_path / "one_then_many", reference, rtol=RTOL, atol=ATOL)
+    assert_same_state(tmp_path / "one_then_many", reference, rtol=RTOL, atol=ATOL, other_mesh=True)
 
 
 def _free_port() -> int:
@@ -190,7 +190,7 @@ def test_sigterm_to_one_process_stops_both_after_the_same_step_and_resumes_exact
     assert summary["step"] == 30 and not summary["interrupted"]
     assert sorted(losses(workdir)) == list(range(1, 31))
     assert_same_losses(losses(workdir), long_reference.losses, range(1, 31))
-    assert_same_state(workdir, long_reference.workdir, rtol=RTOL, atol=ATOL)
+    assert_same_state(workdir, long_reference.workdir, rtol=RTOL, atol=ATOL, other_mesh=True)
 
 
 @pytest.mark.slow
@@ -211,7 +211,7 @@ def test_kill_9_of_one_process_while_saving_then_a_relaunch_resumes_from_an_inta
     assert resumed is not None and resumed == expected_resume_step(before, workdir), (before, done.stderr[-3000:])
     assert sorted(losses(workdir)) == list(range(1, 31))
     assert_same_losses(losses(workdir), long_reference.losses, range(1, 31))
-    assert_same_state(workdir, long_reference.workdir, rtol=RTOL, atol=ATOL)
+    assert_same_state(workdir, long_reference.workdir, rtol=RTOL, atol=ATOL, other_mesh=True)
 
 
 def test_hybrid_meshes_put_slices_on_the_outer_axes():
