@@ -26,7 +26,6 @@ from siim_jax.data.sources import open_source
 from siim_jax.methods import get_method
 from siim_jax.parallel.sharding import batch_sharding, create_mesh, replicated
 from siim_jax.train.evaluators import build_evaluators, extract_array_features
-from siim_jax.train.knn import knn_votes
 from siim_jax.train.state import init_train_state
 
 IMAGENET_MEAN = np.array([0.485, 0.456, 0.406])
@@ -133,26 +132,6 @@ def test_validation_top1_top5_equal_numpy_counts_of_independent_logits(mesh_name
     assert figures["val_top1"] == top1 / 21 and figures["val_top5"] == top5 / 21, (figures, top1, top5)
     # what the unmasked count would give is a different figure (the test can see a dropped mask)
     assert (top1 + 11) / 32 != top1 / 21 and (top5 + 11) / 32 != top5 / 21
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# the k-NN monitor (train/evaluators.py: KnnEvaluator, train/knn.py)
-
-
-def numpy_knn_votes(bank, bank_labels, queries, k: int, temperature: float, num_classes: int):
-    """The knn module's definition in float64 NumPy: rows divided by max(L2 norm, 1e-12), each query's k most
-    cosine-similar bank rows (all of them if fewer) vote exp(sim / T) for their label. Returns (votes (Q, C),
-    sorted similarities (Q, Nb))."""
-    def rows(x):
-        x = np.asarray(x, np.float64)
-        return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
-
-    sims = rows(queries) @ rows(bank).T
-    order = np.argsort(-sims, axis=1, kind="stable")[:, :min(k, len(bank))]
-    votes = np.zeros((len(queries), num_classes))
-    np.add.at(votes, (np.arange(len(queries))[:, None], bank_labels[order]),
-              np.exp(np.take_along_axis(sims, order, 1) / temperature))
-    return votes, -np.sort(-sims, axis=1)
 
 
 def test_fewshot_top1_equals_sklearn_logistic_regression_on_the_same_features(tmp_path):
