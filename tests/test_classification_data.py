@@ -103,25 +103,31 @@ def test_eval_batches_use_the_official_short_side_and_cover_every_image_once():
         assert np.abs(whole["images"][k].astype(float) - reference).mean() <= 1.0
 
 
+def assert_torchvision_crops(images, indices, crop_fn, seed: int, step: int, size: int):
+    """images (B, size, size, 3) uint8 are torchvision's bicubic resized_crop of IMAGES[indices] at the box
+    crop_fn draws from default_rng([seed, step, position]) (scale (0.08, 1)), flipped when the next draw < 0.5."""
+    tf = pytest.importorskip("torchvision.transforms.functional")
+    from torchvision.transforms import InterpolationMode
+    for q, index in enumerate(indices):
+        rng = np.random.default_rng([seed, step, q])
+        i, j, h, w = crop_fn(rng, 24, 24, (0.08, 1.0), (3 / 4, 4 / 3))
+        reference = tf.resized_crop(Image.fromarray(IMAGES[index]), i, j, h, w, [size, size],
+                                    InterpolationMode.BICUBIC)
+        if rng.random() < 0.5:
+            reference = tf.hflip(reference)
+        np.testing.assert_array_equal(images[q], np.asarray(reference))
+
+
 def test_train_view_is_torchvision_resized_crop_then_flip():
     """Each training image is torchvision's resized_crop (bicubic) of the box sample_crop draws from
     default_rng([seed, step, position]) with scale (0.08, 1), flipped when the next draw is < 0.5; labels
     follow the epoch permutation default_rng([seed, epoch]).permutation(n)."""
-    tf = pytest.importorskip("torchvision.transforms.functional")
-    from torchvision.transforms import InterpolationMode
     seed, global_batch, size, step = 3, 5, 16, 6  # 4 steps per epoch: step 6 is epoch 1, window 2
     batch = LabelledBatches(ArraySource(IMAGES, LABELS), global_batch, size, seed, train=True).batch_at(step)
     indices = np.random.default_rng([seed, 1]).permutation(len(IMAGES))[10:15]
     np.testing.assert_array_equal(batch["labels"], LABELS[indices])
     assert batch["valid"].all()
-    for q, index in enumerate(indices):
-        rng = np.random.default_rng([seed, step, q])
-        i, j, h, w = sample_crop(rng, 24, 24, (0.08, 1.0), (3 / 4, 4 / 3))
-        reference = tf.resized_crop(Image.fromarray(IMAGES[index]), i, j, h, w, [size, size],
-                                    InterpolationMode.BICUBIC)
-        if rng.random() < 0.5:
-            reference = tf.hflip(reference)
-        np.testing.assert_array_equal(batch["images"][q], np.asarray(reference))
+    assert_torchvision_crops(batch["images"], indices, sample_crop, seed, step, size)
 
 
 # --- the stream: rows, purity, bad images
@@ -367,22 +373,12 @@ def test_single_draw_crop_distribution_is_the_official_one_not_torchvision():
 def test_linear_probe_batches_use_the_single_draw_crop():
     """train_crop="single_draw": each image is torchvision's resized_crop (bicubic) of the box that
     sample_crop_single_draw draws from default_rng([seed, step, position]), then the flip draw."""
-    tf = pytest.importorskip("torchvision.transforms.functional")
-    from torchvision.transforms import InterpolationMode
-
     from siim_jax.data.views import sample_crop_single_draw
     seed, global_batch, size, step = 3, 5, 16, 6
     batch = LabelledBatches(ArraySource(IMAGES, LABELS), global_batch, size, seed, train=True,
                             train_crop="single_draw").batch_at(step)
     indices = np.random.default_rng([seed, 1]).permutation(len(IMAGES))[10:15]
-    for q, index in enumerate(indices):
-        rng = np.random.default_rng([seed, step, q])
-        i, j, h, w = sample_crop_single_draw(rng, 24, 24, (0.08, 1.0), (3 / 4, 4 / 3))
-        reference = tf.resized_crop(Image.fromarray(IMAGES[index]), i, j, h, w, [size, size],
-                                    InterpolationMode.BICUBIC)
-        if rng.random() < 0.5:
-            reference = tf.hflip(reference)
-        np.testing.assert_array_equal(batch["images"][q], np.asarray(reference))
+    assert_torchvision_crops(batch["images"], indices, sample_crop_single_draw, seed, step, size)
     with pytest.raises(ValueError, match="train_crop"):
         LabelledBatches(ArraySource(IMAGES, LABELS), 4, 16, 0, train=True, train_crop="tensorflow")
 

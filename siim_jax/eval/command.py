@@ -18,6 +18,19 @@ _ENCODER = flags.DEFINE_enum("encoder", None, ["online", "target"], "Which pretr
                              "as the official code) or target (the EMA one). Default: config.classifier.encoder.")
 
 
+def _start(argv, usage: str, module: str, loss_type: str, recipe: str):
+    """What each evaluation command does first: refuse stray arguments, start (train_main.start_command), check
+    that --config is a `loss_type` recipe (else one line naming `recipe`, exit 2). Returns (config, encoder
+    branch)."""
+    if len(argv) > 1:
+        fail(f"unexpected arguments: {argv[1:]}", EXIT_USAGE, usage)
+    config = train_main.start_command(usage)
+    if config.model.loss_type != loss_type:
+        fail(f"--config sets config.model.loss_type={config.model.loss_type!r}; python -m siim_jax.{module} needs "
+             f"{recipe}", EXIT_USAGE, usage)
+    return config, _ENCODER.value or config.classifier.encoder
+
+
 def run_classifier_command(method: str, module: str) -> None:
     """`python -m siim_jax.<module>`: train `method` ("linear_probe" | "finetune") on the pretrained encoder."""
     usage = (f"usage: python -m siim_jax.{module} --config configs/<recipe>.py --pretrained <workdir | .pth | "
@@ -25,14 +38,8 @@ def run_classifier_command(method: str, module: str) -> None:
     flags.mark_flag_as_required("pretrained")
 
     def main(argv):
-        if len(argv) > 1:
-            fail(f"unexpected arguments: {argv[1:]}", EXIT_USAGE, usage)
-        config = train_main.start_command(usage)
-        if config.model.loss_type != method:
-            fail(f"--config sets config.model.loss_type={config.model.loss_type!r}; python -m siim_jax.{module} "
-                 f"needs a {method} recipe (configs/{'linprobe' if method == 'linear_probe' else method}_*.py)",
-                 EXIT_USAGE, usage)
-        branch = _ENCODER.value or config.classifier.encoder
+        recipes = "linprobe" if method == "linear_probe" else method
+        config, branch = _start(argv, usage, module, method, f"a {method} recipe (configs/{recipes}_*.py)")
         workdir = train_main._WORKDIR.value
 
         def run():
@@ -66,13 +73,7 @@ def run_fewshot_command() -> None:
     def main(argv):
         from siim_jax.eval.fewshot import evaluate_few_shot, summary_line
 
-        if len(argv) > 1:
-            fail(f"unexpected arguments: {argv[1:]}", EXIT_USAGE, usage)
-        config = train_main.start_command(usage)
-        if config.model.loss_type != "linear_probe":
-            fail(f"--config sets config.model.loss_type={config.model.loss_type!r}; python -m siim_jax.fewshot "
-                 "needs a few-shot recipe (configs/fewshot_*.py)", EXIT_USAGE, usage)
-        branch = _ENCODER.value or config.classifier.encoder
+        config, branch = _start(argv, usage, "fewshot", "linear_probe", "a few-shot recipe (configs/fewshot_*.py)")
         train_main.finish_training(
             lambda: evaluate_few_shot(config, train_main._WORKDIR.value, _PRETRAINED.value, branch), summary_line)
 
