@@ -86,3 +86,29 @@ def tiny():
 def pytest_unconfigure(config):
     if _OWN_CACHE and not hasattr(config, "workerinput"):
         shutil.rmtree(os.environ["JAX_COMPILATION_CACHE_DIR"], ignore_errors=True)
+
+
+@pytest.fixture
+def gcs(monkeypatch):
+    """A fresh GCS server on 127.0.0.1 (tests/gcs_server.py) with an empty bucket `gs://bucket`; this process's
+    environment points the clients at it (subprocesses inherit it). Yields the GcsServer."""
+    from gcs_server import GcsServer
+    server = GcsServer().start()
+    server.create_bucket("bucket")
+    for key, value in server.env().items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.setenv("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")
+    _forget_object_store_clients()
+    yield server
+    server.stop()
+    _forget_object_store_clients()
+    shutil.rmtree(server.root, ignore_errors=True)
+
+
+def _forget_object_store_clients():
+    """gcsfs and etils keep one client per process, bound to the server they first met."""
+    import sys
+    if "gcsfs" in sys.modules:
+        sys.modules["gcsfs"].GCSFileSystem.clear_instance_cache()
+    if "siim_jax.storage" in sys.modules:
+        sys.modules["siim_jax.storage"].forget_clients()
