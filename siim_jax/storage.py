@@ -82,28 +82,48 @@ def object_store_errors(path):
         raise ObjectStoreError(f"{path}: {message}") from None
 
 
-def describe_error(error: BaseException) -> str | None:
-    """One line for an object-store failure (with what to do), or None when `error` is not one."""
+def classify_error(error: BaseException) -> str | None:
+    """'permission', 'credentials', 'missing', 'unreachable' or 'other' for an object-store failure; None when
+    `error` did not come from an object-store client."""
     name = type(error).__name__
     module = type(error).__module__ or ""
-    text = " ".join(str(error).split())[:300]
+    text = str(error)
     status = getattr(error, "code", None)
-    if isinstance(status, int) and status in (401, 403) or "403" in text[:40] or "Forbidden" in name:
+    status = status if isinstance(status, int) else None
+    if status in (401, 403) or "Forbidden" in name or "PERMISSION_DENIED" in text or " 403" in text[:80]:
+        return "permission"
+    if "DefaultCredentialsError" in name or "RefreshError" in name or "credentials were not found" in text:
+        return "credentials"
+    if (status is not None and status >= 500 or isinstance(error, (ConnectionError, TimeoutError))
+            or "aiohttp" in module or "Connect" in name or "Timeout" in name or "ServiceUnavailable" in name
+            or "UNAVAILABLE" in text or "DEADLINE_EXCEEDED" in text or "Couldn't connect" in text):
+        return "unreachable"
+    if status == 404 or isinstance(error, FileNotFoundError) or "NotFound" in name or "NOT_FOUND" in text:
+        return "missing"
+    if "gcsfs" in module or "google" in module or "tensorstore" in module or "fsspec" in module:
+        return "other"
+    return None
+
+
+def describe_error(error: BaseException) -> str | None:
+    """One line for an object-store failure (with what to do), or None when `error` is not one."""
+    kind = classify_error(error)
+    text = " ".join(str(error).split())[:300]
+    if kind == "permission":
         return (f"permission denied ({text}); give the account running this (on a TPU VM: its service account) "
                 "roles/storage.objectAdmin on the bucket")
-    if "credentials" in text.lower() or "DefaultCredentialsError" in name or "RefreshError" in name:
+    if kind == "credentials":
         return (f"no usable credentials ({text}); run `gcloud auth application-default login`, or run on a VM "
                 "whose service account can use the bucket")
-    if isinstance(status, int) and status == 404 or isinstance(error, FileNotFoundError) or "NotFound" in name:
+    if kind == "unreachable":
+        return (f"the object store did not answer after retries ({type(error).__name__}: {text}); check the network "
+                "(and STORAGE_EMULATOR_HOST if you use an emulator), then rerun: the run resumes from its newest "
+                "intact checkpoint")
+    if kind == "missing":
         return (f"not found ({text}); check the bucket and path exist (`gcloud storage ls`), or create the "
                 "bucket: `gcloud storage buckets create gs://BUCKET`")
-    if (isinstance(error, (ConnectionError, TimeoutError)) or "aiohttp" in module or "Connect" in name
-            or "Timeout" in name or "ServiceUnavailable" in name or isinstance(status, int) and status >= 500):
-        return (f"the object store did not answer after retries ({name}: {text}); check the network (and "
-                "STORAGE_EMULATOR_HOST if you use an emulator), then rerun: the run resumes from its newest intact "
-                "checkpoint")
-    if "gcsfs" in module or "google" in module or "tensorstore" in module:
-        return f"{name}: {text}"
+    if kind == "other":
+        return f"{type(error).__name__}: {text}"
     return None
 
 

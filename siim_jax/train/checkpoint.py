@@ -12,14 +12,13 @@ deleted) so that the resumed run can save that step again.
 
 import json
 import logging
-import os
-import shutil
 import time
 
 import jax
 import ml_collections
 import orbax.checkpoint as ocp
 
+from siim_jax import storage
 from siim_jax.cli import RunError
 from siim_jax.train.state import all_finite
 
@@ -67,8 +66,8 @@ def _first_line(error: BaseException) -> str:
 
 class Checkpointer:
     def __init__(self, workdir: str, config: ml_collections.ConfigDict):
-        self.workdir = os.path.abspath(workdir)
-        self.directory = os.path.join(self.workdir, "checkpoints")
+        self.workdir = storage.absolute(workdir)
+        self.directory = storage.join(self.workdir, "checkpoints")
         self.signature = model_signature(config)
         options = ocp.CheckpointManagerOptions(max_to_keep=config.keep_checkpoints, create=True,
                                                enable_async_checkpointing=True)
@@ -81,10 +80,11 @@ class Checkpointer:
         try:
             self.manager.wait_until_finished()
         except Exception as error:  # noqa: BLE001
+            where = (storage.describe_error(error) if storage.is_remote(self.directory) else None) or (
+                f"{_first_line(error)}; check the free space, file size limits and permissions there")
             raise CheckpointWriteError(
-                f"writing a checkpoint into {self.directory} failed ({_first_line(error)}); check the free space, "
-                "file size limits and permissions there; unfinished steps are never restored, so rerunning the "
-                "same command resumes from the newest finished one") from None
+                f"writing a checkpoint into {self.directory} failed ({where}); unfinished steps are never restored, "
+                "so rerunning the same command resumes from the newest finished one") from None
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
@@ -153,6 +153,10 @@ class Checkpointer:
                 mismatches.append(error)
                 why = "was written by another model config"
             except Exception as error:  # Orbax / TensorStore raise many kinds for damaged files
+                if storage.is_remote(self.directory) and storage.classify_error(error) in (
+                        "unreachable", "permission", "credentials"):
+                    # the store, not the checkpoint: nothing is skipped or moved aside
+                    raise storage.ObjectStoreError(f"{self.path(step)}: {storage.describe_error(error)}") from None
                 why = f"cannot be read ({_first_line(error)})"
             else:
                 if state_is_finite(state):
@@ -177,11 +181,11 @@ class Checkpointer:
         self._finish()
         steps = [s for s in steps if s in self.manager.all_steps()]
         if steps and jax.process_index() == 0:
-            target = os.path.join(self.workdir, "checkpoints_unusable")
-            os.makedirs(target, exist_ok=True)
+            target = storage.join(self.workdir, "checkpoints_unusable")
+            storage.makedirs(target)
             for step in steps:
-                destination = os.path.join(target, f"{step}-{time.strftime('%Y%m%d-%H%M%S')}")
-                shutil.move(self.path(step), destination)
+                destination = storage.join(target, f"{step}-{time.strftime('%Y%m%d-%H%M%S')}")
+                storage.move(self.path(step), destination)
                 log.warning("moved the %s checkpoint %s to %s (kept, not deleted)", why, self.path(step),
                             destination)
         if steps and jax.process_count() > 1:  # the others list the directory only after process 0 moved
@@ -190,7 +194,7 @@ class Checkpointer:
         self.manager.reload()
 
     def path(self, step: int | None) -> str:
-        return os.path.join(self.directory, str(step))
+        return storage.join(self.directory, str(step))
 
     def wait(self) -> None:
         self._finish()

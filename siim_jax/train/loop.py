@@ -11,7 +11,6 @@ import collections
 import json
 import logging
 import math
-import os
 import time
 
 import jax
@@ -20,6 +19,7 @@ import numpy as np
 import tqdm
 
 from siim_jax import config as config_lib
+from siim_jax import storage
 from siim_jax.cli import RunError
 from siim_jax.data.sources import open_source
 from siim_jax.methods import get_method
@@ -42,44 +42,68 @@ class NonFiniteLossError(RunError, RuntimeError):
 
 class MetricsWriter:
     """metrics.jsonl (one JSON object per record) and TensorBoard scalars in the workdir, written by process 0;
-    every process keeps the records in memory."""
+    every process keeps the records in memory.
+
+    A resumed run keeps the records up to its checkpoint's step and drops the rest (they are logged again), so
+    the file is always one record per logged step. On a file system each record is appended as it is logged. An
+    object (gs://) cannot be appended to: the whole file is rewritten at most every FLUSH_SECONDS, at every
+    checkpoint save and at the end, and TensorBoard's events object at the same times. So a kill -9 or a
+    preemption loses only records logged after the newest checkpoint (and at most FLUSH_SECONDS of them), which
+    the resumed run logs again anyway.
+    """
+
+    FLUSH_SECONDS = 30.0
 
     def __init__(self, workdir: str, resume_step: int | None):
-        self.path = os.path.join(workdir, "metrics.jsonl")
+        self.path = storage.join(workdir, "metrics.jsonl")
+        self.remote = storage.is_remote(self.path)
         self.enabled = jax.process_index() == 0
         self.kept = []
-        if self.enabled and resume_step is not None and os.path.exists(self.path):
+        self.flushed_at = time.monotonic()
+        if self.enabled and resume_step is not None and storage.exists(self.path):
             # keep what the checkpoint covers; a line cut short by a crash is dropped
-            with open(self.path) as f:
-                for line in f:
-                    try:
-                        record = json.loads(line)
-                    except json.JSONDecodeError:
-                        continue
-                    if record["step"] <= resume_step:
-                        self.kept.append(record)
+            for line in storage.read_text(self.path).splitlines():
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError:
+                    continue
+                if record["step"] <= resume_step:
+                    self.kept.append(record)
         if self.enabled:
-            with open(self.path, "w") as f:
-                f.writelines(json.dumps(r) + "\n" for r in self.kept)
+            self._rewrite()
             from tensorboardX import SummaryWriter
-            self.tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+            self.tb = SummaryWriter(storage.join(workdir, "tensorboard"))
+
+    def _rewrite(self) -> None:
+        storage.write_text(self.path, "".join(json.dumps(r) + "\n" for r in self.kept))
 
     def write(self, step: int, values: dict) -> None:
         record = {"step": int(step), **{k: float(v) for k, v in values.items()}}
         self.kept.append(record)
         if not self.enabled:
             return
-        with open(self.path, "a") as f:
-            f.write(json.dumps(record) + "\n")
         for k, v in values.items():
             self.tb.add_scalar(k, float(v), int(step))
-        self.tb.flush()
+        if not self.remote:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+            self.tb.flush()
+        elif time.monotonic() - self.flushed_at >= self.FLUSH_SECONDS:
+            self.flush()
+
+    def flush(self) -> None:
+        """Makes every record so far durable (on a file system they already are)."""
+        if self.enabled and self.remote:
+            self._rewrite()
+            self.tb.flush()
+            self.flushed_at = time.monotonic()
 
     def records(self) -> list[dict]:
         return list(self.kept)
 
     def close(self) -> None:
         if self.enabled:
+            self.flush()
             self.tb.close()
 
 
@@ -106,12 +130,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, stop_at_
     """
     config_lib.validate(config)
     method = get_method(config)  # the one method object of the run; everything below receives it
-    if "://" in workdir:
-        raise config_lib.ConfigError(
-            f"--workdir {workdir}: object-store workdirs (gs://, s3://) are not supported yet; use a directory on "
-            "a file system every process sees (local disk for one host; NFS, Lustre or a gcsfuse mount for many)")
-    os.makedirs(workdir, exist_ok=True)
-    with WorkdirLock(workdir, enabled=jax.process_index() == 0):
+    workdir = storage.absolute(workdir)
+    storage.makedirs(workdir)
+    with storage.object_store_errors(workdir), WorkdirLock(workdir, enabled=jax.process_index() == 0):
         return _train_in_locked_workdir(method, workdir, stop_at_step, initial_weights)
 
 
@@ -129,8 +150,7 @@ def _train_in_locked_workdir(method, workdir: str, stop_at_step: int | None, ini
 def _train(method, workdir: str, stop_at_step: int | None, initial_weights, stop: StopRequest) -> dict:
     config = method.config
     if jax.process_index() == 0:
-        with open(os.path.join(workdir, "config.json"), "w") as f:
-            f.write(config.to_json_best_effort(indent=2))
+        storage.write_text(storage.join(workdir, "config.json"), config.to_json_best_effort(indent=2))
 
     rules = config.mesh.logical_axis_rules
     mesh = create_mesh(config.mesh)
@@ -250,6 +270,7 @@ def _train(method, workdir: str, stop_at_step: int | None, initial_weights, stop
             interrupted = stop_agreed or step == stop_at_step
             if step % config.checkpoint_every_steps == 0 or is_last or interrupted:
                 check_pending()
+                metrics_writer.flush()  # the records the checkpoint covers are durable before it is
                 checkpoints.save(step, state, run_counters(step))
                 reset_timer = True
             if interrupted:
@@ -273,7 +294,7 @@ def _train(method, workdir: str, stop_at_step: int | None, initial_weights, stop
                "top1_best": max(r["val_top1"] for r in validation) if validation else None,
                "top5": validation[-1]["val_top5"] if validation else None,
                "data_skipped_total": skipped_before + sum_over_processes(skipped_here),
-               "checkpoint": checkpoints.path(final_step), "workdir": os.path.abspath(workdir)}
+               "checkpoint": checkpoints.path(final_step), "workdir": workdir}
     return summary
 
 

@@ -1,15 +1,22 @@
 """One run per workdir: `<workdir>/LOCK`, held by process 0 of the run for as long as it runs.
 
-The file holds the owner's host, process id, start time and a heartbeat (rewritten every HEARTBEAT_SECONDS); on a
-POSIX file system the owner also holds an `fcntl.flock` on it, which the kernel drops when the process dies.
+The lock holds the owner's host, process id, job, start time and a heartbeat (rewritten every heartbeat period).
+The job is $SIIM_LAUNCH_ID (set by launch/tpu_vm.sh for every start of one launch) or the SLURM job id: a relaunch
+of the same job (a requeue, a re-created TPU slice, whose hosts have new names) takes the lock over at once.
 
-- Same host: a live owner's flock refuses the second run; a dead owner's lock (kill -9, crash) is taken over with
-  a warning.
-- Shared file systems (NFS, Lustre, GPFS): flock is honoured across hosts where the file system supports it; a
-  lock written by another host whose heartbeat is older than STALE_SECONDS is taken over with a warning, a fresher
-  one refuses the run.
-- Object stores (`gs://...` workdirs, not supported by the trainer yet): there is no flock, so only the
-  heartbeat rule could apply, and two runs started within seconds of each other could both pass.
+- POSIX file systems: the owner also holds an `fcntl.flock`, which the kernel drops when the process dies. Same
+  host: a live owner refuses the second run; a dead owner's lock (kill -9, crash) is taken over with a warning.
+  Shared file systems (NFS, Lustre, GPFS): flock is honoured across hosts where the file system supports it; a
+  lock of another host whose heartbeat is older than the stale time is taken over with a warning, a fresher one
+  refuses the run.
+- Object stores (`gs://` workdirs): no flock; the lock object is created only if absent (a generation
+  precondition, `ifGenerationMatch=0`, so of two runs started together exactly one gets it), each heartbeat is
+  written only over the owner's own generation, and a takeover is written only over the generation it read (two
+  runs taking over a stale lock together: one wins). The same rules decide a takeover: same job, or same host
+  and a dead pid, at once; another host once its heartbeat is older than the stale time.
+
+Settings (environment, so that every command shares them): SIIM_LOCK_STALE_SECONDS (default 300), the heartbeat
+period is a tenth of it, at most 30 s.
 """
 
 import json
@@ -19,6 +26,7 @@ import socket
 import threading
 import time
 
+from siim_jax import storage
 from siim_jax.cli import RunError
 
 try:
@@ -28,8 +36,30 @@ except ImportError:  # not POSIX
 
 log = logging.getLogger(__name__)
 
-HEARTBEAT_SECONDS = 30.0
-STALE_SECONDS = 300.0
+STALE_ENV = "SIIM_LOCK_STALE_SECONDS"
+
+
+def stale_seconds() -> float:
+    try:
+        value = float(os.environ.get(STALE_ENV, "300"))
+    except ValueError:
+        value = -1.0
+    if not value > 0:
+        raise WorkdirBusyError(f"{STALE_ENV}={os.environ.get(STALE_ENV)!r} must be a number of seconds > 0")
+    return value
+
+
+def heartbeat_seconds() -> float:
+    return min(30.0, stale_seconds() / 10)
+
+
+def current_job() -> str | None:
+    """The launch this process belongs to: $SIIM_LAUNCH_ID, else the SLURM job id, else None."""
+    if os.environ.get("SIIM_LAUNCH_ID"):
+        return os.environ["SIIM_LAUNCH_ID"]
+    if os.environ.get("SLURM_JOB_ID"):
+        return "slurm-" + os.environ["SLURM_JOB_ID"]
+    return None
 
 
 class WorkdirBusyError(RunError, RuntimeError):
@@ -38,7 +68,8 @@ class WorkdirBusyError(RunError, RuntimeError):
 
 def _describe(owner: dict) -> str:
     started = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(owner.get("started", 0)))
-    return f"host {owner.get('host')} pid {owner.get('pid')} (started {started})"
+    job = f", job {owner['job']}" if owner.get("job") else ""
+    return f"host {owner.get('host')} pid {owner.get('pid')} (started {started}{job})"
 
 
 def _pid_alive(pid) -> bool:
@@ -53,11 +84,13 @@ class WorkdirLock:
     """Context manager: `with WorkdirLock(workdir): ...` (a no-op on every process but process 0)."""
 
     def __init__(self, workdir: str, enabled: bool = True):
-        self.path = os.path.join(os.path.abspath(workdir), "LOCK")
+        self.workdir = storage.absolute(workdir)
+        self.path = storage.join(self.workdir, "LOCK")
         self.enabled = enabled
         self.fd = None
+        self.generation = None  # object stores: the generation of the lock object this run wrote last
         self.stop = threading.Event()
-        self.owner = {"host": socket.gethostname(), "pid": os.getpid(), "started": time.time()}
+        self.owner = {"host": socket.gethostname(), "pid": os.getpid(), "job": current_job(), "started": time.time()}
 
     def __enter__(self):
         if self.enabled:
@@ -67,38 +100,62 @@ class WorkdirLock:
     def __exit__(self, *exc):
         self.release()
 
+    def _payload(self) -> bytes:
+        return json.dumps({**self.owner, "heartbeat": time.time()}).encode()
+
+    def _check_takeover(self, previous: dict, flock_held: bool) -> None:
+        """Raises WorkdirBusyError unless `previous` (the lock's contents, {} when released) may be taken over;
+        logs the takeover."""
+        if not previous:
+            return
+        same_host = previous.get("host") == self.owner["host"]
+        same_job = previous.get("job") is not None and previous.get("job") == self.owner["job"]
+        age = time.time() - float(previous.get("heartbeat", 0) or 0)
+        if same_job and not (same_host and _pid_alive(previous.get("pid")) and previous.get("pid") != self.owner["pid"]):
+            log.warning("taking over the lock of %s: a relaunch of the same job", _describe(previous))
+            return
+        if not same_host and age < stale_seconds():
+            where = f"delete {self.path}" if not storage.is_remote(self.path) else f"`gcloud storage rm {self.path}`"
+            raise WorkdirBusyError(
+                f"workdir {self.workdir} is in use by the run of {_describe(previous)} (heartbeat {age:.0f} s ago); "
+                f"if that run is dead, {where}, or wait until its heartbeat is {stale_seconds():.0f} s old "
+                f"({STALE_ENV})")
+        if same_host and _pid_alive(previous.get("pid")) and previous.get("pid") != self.owner["pid"] and not flock_held:
+            raise WorkdirBusyError(f"workdir {self.workdir} is in use by the run of {_describe(previous)}; wait for "
+                                   "it to finish or use another --workdir")
+        log.warning("taking over the lock of %s, which ended without releasing it", _describe(previous))
+
     def acquire(self) -> None:
+        stale_seconds()  # a bad setting is one line now, not a failing heartbeat later
+        if storage.is_remote(self.path):
+            with storage.object_store_errors(self.path):
+                self._acquire_object()
+        else:
+            self._acquire_file()
+        threading.Thread(target=self._heartbeat, daemon=True, name="workdir-lock-heartbeat").start()
+
+    # ------------------------------------------------------------------------------------------- file system
+    def _acquire_file(self) -> None:
         os.makedirs(os.path.dirname(self.path), exist_ok=True)
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         if fcntl is not None:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except OSError:
-                previous = self._read(fd)
+                previous = self._read_fd(fd)
                 os.close(fd)
                 raise WorkdirBusyError(
-                    f"workdir {os.path.dirname(self.path)} is in use by the run of {_describe(previous)}; wait "
+                    f"workdir {self.workdir} is in use by the run of {_describe(previous)}; wait "
                     "for it to finish, stop it, or use another --workdir") from None
-        previous = self._read(fd)
-        if previous:
-            same_host = previous.get("host") == self.owner["host"]
-            age = time.time() - float(previous.get("heartbeat", 0))
-            if not same_host and age < STALE_SECONDS:
-                os.close(fd)
-                raise WorkdirBusyError(
-                    f"workdir {os.path.dirname(self.path)} is in use by the run of {_describe(previous)} "
-                    f"(heartbeat {age:.0f} s ago); if that run is dead, delete {self.path}")
-            if same_host and _pid_alive(previous.get("pid")) and previous.get("pid") != os.getpid() \
-                    and fcntl is None:
-                os.close(fd)
-                raise WorkdirBusyError(f"workdir {os.path.dirname(self.path)} is in use by the run of "
-                                       f"{_describe(previous)}; wait for it to finish or use another --workdir")
-            log.warning("taking over the lock of %s, which ended without releasing it", _describe(previous))
+        try:
+            self._check_takeover(self._read_fd(fd), flock_held=fcntl is not None)
+        except WorkdirBusyError:
+            os.close(fd)
+            raise
         self.fd = fd
-        self._write()
-        threading.Thread(target=self._heartbeat, daemon=True, name="workdir-lock-heartbeat").start()
+        self._write_file()
 
-    def _read(self, fd) -> dict:
+    def _read_fd(self, fd) -> dict:
         try:
             os.lseek(fd, 0, os.SEEK_SET)
             text = os.read(fd, 65536).decode()
@@ -106,23 +163,82 @@ class WorkdirLock:
         except (OSError, ValueError):
             return {"host": "?", "pid": "?"}
 
-    def _write(self) -> None:
-        data = json.dumps({**self.owner, "heartbeat": time.time()}).encode()
+    def _write_file(self) -> None:
         os.lseek(self.fd, 0, os.SEEK_SET)
         os.ftruncate(self.fd, 0)
-        os.write(self.fd, data)
+        os.write(self.fd, self._payload())
         os.fsync(self.fd)
 
-    def _heartbeat(self) -> None:
-        while not self.stop.wait(HEARTBEAT_SECONDS):
+    # ------------------------------------------------------------------------------------------ object store
+    def _blob(self):
+        from google.cloud import storage as gcs
+        if not self.path.startswith("gs://"):
+            raise storage.ObjectStoreError(f"{self.path}: the workdir lock supports gs:// object stores only")
+        bucket, name = self.path[len("gs://"):].split("/", 1)
+        return gcs.Client().bucket(bucket).blob(name)
+
+    def _acquire_object(self) -> None:
+        from google.api_core import exceptions
+        for _ in range(5):
+            blob = self._blob()
             try:
-                self._write()
-            except OSError as error:  # a full disk must not kill the run; the lock itself is still held
-                log.warning("could not refresh %s: %s", self.path, error)
+                blob.upload_from_string(self._payload(), if_generation_match=0)
+                self.generation = blob.generation
+                return
+            except exceptions.PreconditionFailed:  # it exists: read it, then maybe take it over
+                pass
+            try:
+                blob.reload()
+                seen = blob.generation
+                text = blob.download_as_bytes(if_generation_match=seen).decode()
+            except (exceptions.NotFound, exceptions.PreconditionFailed):
+                continue  # released or rewritten meanwhile: look again
+            try:
+                previous = json.loads(text) if text.strip() else {}
+            except ValueError:
+                previous = {"host": "?", "pid": "?"}
+            self._check_takeover(previous, flock_held=False)
+            try:
+                blob.upload_from_string(self._payload(), if_generation_match=seen)
+                self.generation = blob.generation
+                return
+            except exceptions.PreconditionFailed:
+                continue  # another run wrote it first: look again
+        raise WorkdirBusyError(f"workdir {self.workdir}: the lock {self.path} kept changing while this run tried "
+                               "to take it; another run is starting there")
+
+    def _write_object(self) -> None:
+        from google.api_core import exceptions
+        blob = self._blob()
+        try:
+            blob.upload_from_string(self._payload(), if_generation_match=self.generation)
+            self.generation = blob.generation
+        except exceptions.PreconditionFailed:
+            log.error("the lock %s was taken over by another run; this run goes on, but two runs now write into "
+                      "%s: stop one of them", self.path, self.workdir)
+            self.generation = None
+
+    # ---------------------------------------------------------------------------------------------- both
+    def _heartbeat(self) -> None:
+        while not self.stop.wait(heartbeat_seconds()):
+            try:
+                if self.fd is not None:
+                    self._write_file()
+                elif self.generation is not None:
+                    self._write_object()
+            except Exception as error:  # noqa: BLE001 - a full disk or a store hiccup must not kill the run
+                log.warning("could not refresh %s: %s", self.path, storage.describe_error(error) or error)
 
     def release(self) -> None:
-        """Empties the file (an empty LOCK is a released one) and drops the flock."""
+        """Removes the lock (file systems: empties the file, an empty LOCK is a released one, and drops the
+        flock; object stores: deletes the object if it is still this run's)."""
         self.stop.set()
+        if self.generation is not None:
+            try:
+                self._blob().delete(if_generation_match=self.generation)
+            except Exception as error:  # noqa: BLE001 - released or not, the run's result stands
+                log.warning("could not release %s: %s", self.path, storage.describe_error(error) or error)
+            self.generation = None
         if self.fd is None:
             return
         try:
