@@ -32,6 +32,11 @@ options:
   --repo URL               git repository to install on every worker  [https://github.com/YOUR_ORG/siim_jax.git]
   --ref REF                branch, tag or commit of --repo            [main]
   --python VERSION         Python for the workers' virtual env (uv)   [3.12]
+  --install-cmd CMD        install step on every worker instead of cloning --repo and installing it with uv,
+                           e.g. on an image with siim_jax already installed:
+                           --install-cmd 'ln -sfn /opt/siim_jax ~/siim_jax && ln -sfn /opt/venv ~/siim-venv'
+                           (one line of shell; afterwards ~/siim_jax must hold configs/ and
+                           ~/siim-venv/bin/python must import siim_jax)
   --max-restarts N         re-creations / resumes before giving up    [10]
   --poll-seconds S         wait between state checks                  [60]
   --delete-when-done       delete the slice after the run finished (exit status 0)
@@ -41,7 +46,10 @@ options:
                              --config.data.tfds_data_dir=gs://YOUR_BUCKET/tensorflow_datasets
 
 exit status: 0 finished (checkpoints in WORKDIR/checkpoints), 1 failed, 2 bad command line,
-75 still resumable after --max-restarts (rerun the same command), other: the training's exit status.
+75 still resumable after --max-restarts (rerun the same command), other: the training's exit status
+(the first failing worker's).
+Every start of one launcher run gets SIIM_LAUNCH_ID=NAME-<launcher start time> (or $SIIM_LAUNCH_ID if
+set): a resumed run takes over the workdir lock of the run it replaces at once.
 
 example:
   launch/tpu_vm.sh --name siim-b16 --zone us-central2-b --type v4-64 --mode spot \
@@ -78,6 +86,7 @@ config="configs/siamese_vit_b16_1600ep.py"
 repo="https://github.com/YOUR_ORG/siim_jax.git"
 ref="main"
 python_version="3.12"
+install_custom=""
 max_restarts=10
 poll_seconds=60
 delete_when_done=0
@@ -98,7 +107,7 @@ while [[ $# -gt 0 ]]; do
             flag="${1%%=*}"; value="${1#*=}"; shift
             set -- "$flag" "$value" "$@" ;;
         --name | --zone | --type | --runtime-version | --mode | --project | --workdir | --config | --repo | --ref \
-            | --python | --max-restarts | --poll-seconds)
+            | --python | --install-cmd | --max-restarts | --poll-seconds)
             need_value "$1" "$#"
             case "$1" in
                 --name) name="$2" ;;
@@ -112,6 +121,7 @@ while [[ $# -gt 0 ]]; do
                 --repo) repo="$2" ;;
                 --ref) ref="$2" ;;
                 --python) python_version="$2" ;;
+                --install-cmd) install_custom="$2"; [[ $2 =~ [^[:space:]] ]] || die_usage "--install-cmd needs a command" ;;
                 --max-restarts) max_restarts="$2" ;;
                 --poll-seconds) poll_seconds="$2" ;;
             esac
@@ -129,6 +139,7 @@ esac
 [[ $name =~ ^[a-z]([-a-z0-9]*[a-z0-9])?$ ]] || die_usage "--name must be lower-case letters, digits and '-', not '$name'"
 [[ -n $zone && -n $accel && -n $config && -n $repo && -n $ref && -n $python_version ]] \
     || die_usage "--zone, --type, --config, --repo, --ref and --python need non-empty values"
+[[ $install_custom != *$'\n'* ]] || die_usage "--install-cmd must be one line (join commands with ; or &&)"
 [[ $workdir == gs://?* ]] \
     || die_usage "--workdir must be a gs:// path (every worker, and every re-created slice, must see it), not '$workdir'"
 
@@ -144,7 +155,7 @@ fi
 
 if [[ $dry_run == 0 ]]; then
     [[ $workdir != *YOUR_BUCKET* ]] || die_usage "--workdir $workdir is a placeholder; pass your bucket"
-    [[ $repo != *YOUR_ORG* ]] || die_usage "--repo $repo is a placeholder; pass the repository the workers install"
+    [[ -n $install_custom || $repo != *YOUR_ORG* ]] || die_usage "--repo $repo is a placeholder; pass the repository the workers install"
     command -v gcloud > /dev/null || die "gcloud not found: install the Google Cloud CLI (https://cloud.google.com/sdk)"
 fi
 
@@ -179,13 +190,14 @@ run() {  # print, then run unless --dry-run
     [[ $dry_run == 1 ]] || "$@"
 }
 
-query() {  # print, then run unless --dry-run (then print $1 instead): for commands whose output is used
+query() {  # print, then run unless --dry-run (then print $1 instead): for commands whose output is used; the
+    # command's exit status
     local dry_answer="$1"; shift
     show "$@" >&3
     if [[ $dry_run == 1 ]]; then
         printf '%s\n' "$dry_answer"
     else
-        "$@" 2> /dev/null || true
+        "$@" 2> /dev/null
     fi
 }
 
@@ -197,7 +209,10 @@ qr=(gcloud compute tpus queued-resources)
 # ------------------------------------------------------------------------------------- what runs on workers
 # shellcheck disable=SC2088  # the tildes are for the workers' shell to expand
 home_repo="~/siim_jax" venv="~/siim-venv"
-train_cmd="nohup $venv/bin/python -m siim_jax.train --config $(shq "$config") --workdir $(shq "$workdir")"
+# one id for every start of this launcher run: the workdir lock lets a run of the same launch take over at once
+# (a re-created slice has new host names, and the killed run's lock would otherwise hold for its stale time)
+launch_id="${SIIM_LAUNCH_ID:-$name-$(date -u +%Y%m%dT%H%M%SZ)}"
+train_cmd="SIIM_LAUNCH_ID=$(shq "$launch_id") nohup $venv/bin/python -m siim_jax.train --config $(shq "$config") --workdir $(shq "$workdir")"
 for flag in "${train_flags[@]}"; do
     train_cmd+=" $(shq "$flag")"
 done
@@ -214,6 +229,10 @@ git checkout --quiet --force --detach FETCH_HEAD; \
 [ -x $venv/bin/python ] || uv venv --quiet --python $(shq "$python_version") $venv; \
 uv pip install --quiet --python $venv/bin/python \"jax[tpu]\" -e $home_repo; \
 echo \"\$(hostname): siim_jax \$(git -C $home_repo rev-parse --short HEAD) installed\""
+if [[ -n $install_custom ]]; then  # --install-cmd: the user's own step, same guard
+    install_cmd="if $running; then echo \"\$(hostname): training running, install skipped\"; exit 0; fi; \
+set -e; $install_custom; echo \"\$(hostname): --install-cmd done\""
+fi
 
 # refuses to start a second run while one started by this launcher is alive (rerunning the launcher re-attaches)
 start_cmd="cd $home_repo && if $running; then echo \"\$(hostname): training already running, not starting another\"; \
@@ -224,8 +243,9 @@ echo \"\$(hostname): training started, log in ~/siim_train.log\"; fi"
 # ends when the training process of worker 0 ends; the whole log after a start, its end after a reconnection
 stream_cmd="tail -n +1 -F --pid=\"\$(cat ~/siim_train.pid)\" ~/siim_train.log"
 reattach_cmd="tail -n 20 -F --pid=\"\$(cat ~/siim_train.pid)\" ~/siim_train.log"
-# the exit status; none: still running; lost: neither (the worker rebooted)
-status_cmd="if [ -f ~/siim_train.rc ]; then cat ~/siim_train.rc; elif $running; then echo none; else echo lost; fi"
+# one line per worker: siim_status=<exit status>, none: still running, lost: neither (the worker rebooted)
+status_cmd="if [ -f ~/siim_train.rc ]; then echo \"siim_status=\$(cat ~/siim_train.rc)\"; \
+elif $running; then echo siim_status=none; else echo siim_status=lost; fi"
 
 # ------------------------------------------------------------------------------------------------- steps
 describe() {  # $1: the dry-run answer; prints the state, "" when it does not exist, UNKNOWN when gcloud failed
@@ -338,8 +358,29 @@ stream() {  # returns when worker 0's training ends or the connection drops; $1:
         --ssh-flag=-oServerAliveCountMax=6 --command="${1:-$stream_cmd}" || true
 }
 
-exit_status() {  # worker 0's exit status, "none" while running, "" when worker 0 cannot be reached
-    query 0 "${tpu[@]}" ssh "$name" "${common[@]}" --worker=0 --command="$status_cmd" | tr -d '[:space:]'
+combine_status() {  # the slice's status from every worker's: the first failure (not 0 or 75), else none while a
+    # worker still runs, else lost when a worker lost its run, else 75 when one stopped resumably, else 0
+    local s failed="" running="" lost="" stopped=""
+    [[ $# -gt 0 ]] || return 0
+    for s in "$@"; do
+        case "$s" in
+            0) ;;
+            75) stopped=75 ;;
+            none) running=none ;;
+            lost) lost=lost ;;
+            *) [[ -n $failed ]] || failed="$s" ;;
+        esac
+    done
+    printf '%s\n' "${failed:-${running:-${lost:-${stopped:-0}}}}"
+}
+
+exit_status() {  # every worker's exit status, combined; "" when a worker cannot be reached
+    local out
+    out="$(query siim_status=0 "${tpu[@]}" ssh "$name" "${common[@]}" --worker=all --command="$status_cmd" \
+        && echo siim_reached)"
+    [[ $out == *siim_reached* ]] || return 0
+    # shellcheck disable=SC2046  # one word per worker
+    combine_status $(sed -n 's/^siim_status=\([0-9a-z]*\)[[:space:]]*$/\1/p' <<< "$out")
 }
 
 report_done() {
@@ -358,7 +399,7 @@ report_done() {
 }
 
 # ---------------------------------------------------------------------------------------------- sequence
-note "siim_jax on TPU VM slice $name ($accel, $mode, $zone, runtime $runtime), workdir $workdir, config $config"
+note "siim_jax on TPU VM slice $name ($accel, $mode, $zone, runtime $runtime), workdir $workdir, config $config, launch id $launch_id"
 ensure_slice
 install
 start
@@ -383,8 +424,8 @@ while :; do
     fi
     if [[ -z $status && $state == READY || $state == UNKNOWN ]]; then  # no answer, slice not known gone: retry
         unreachable=$((unreachable + 1))
-        [[ $unreachable -lt 10 ]] || die "worker 0 of $name has not answered 10 times in a row; the training may still be running"
-        log "worker 0 of $name did not answer; retrying in $poll_seconds s"
+        [[ $unreachable -lt 10 ]] || die "the workers of $name have not answered 10 times in a row; the training may still be running"
+        log "a worker of $name did not answer; retrying in $poll_seconds s"
         sleep "$poll_seconds"
         continue
     fi
@@ -406,14 +447,14 @@ while :; do
     fi
     case "$status" in
         0) report_done; exit 0 ;;
-        75 | none | lost | "")  # stopped resumably, or the slice (or worker 0) went away under it
+        75 | none | lost | "")  # stopped resumably, or the slice (or a worker) went away under it
             if [[ $restarts -ge $max_restarts ]]; then
                 log "stopped after $restarts restarts (--max-restarts); resumable: rerun the same command"
                 exit 75
             fi
             restarts=$((restarts + 1))
             if [[ $state == READY && ($status == 75 || $status == lost) ]]; then
-                log "training stopped (exit status ${status/lost/unknown, worker 0 restarted}) on a READY slice:" \
+                log "training stopped (exit status ${status/lost/unknown, a worker restarted}) on a READY slice:" \
                     "restarting it ($restarts/$max_restarts)"
                 start
             else

@@ -166,10 +166,32 @@ def test_tpu_train_flags_and_start_command_run_on_a_worker(trap_bin, tmp_path):
     deadline = time.time() + 10
     while not (home / "siim_train.rc").exists() and time.time() < deadline:
         time.sleep(0.05)
-    assert worker(status).stdout.strip() == "75"
+    assert worker(status).stdout.strip() == "siim_status=75"
     assert args_file.read_text().splitlines() == [
         "-m", "siim_jax.train", "--config", "configs/demo.py", "--workdir", "gs://b/run 1", *flags]
     assert not called.exists()
+
+
+def test_tpu_install_cmd_replaces_the_install_and_every_start_has_the_launch_id(trap_bin):
+    bin_dir, called = trap_bin
+    custom = "ln -sfn /opt/siim_jax ~/siim_jax && ln -sfn /opt/venv ~/siim-venv"
+    result = _run([TPU, "--dry-run", "--name", "run-a", "--install-cmd", custom], _env(bin_dir))
+    assert result.returncode == 0, result.stderr
+    commands = [_flag(c, "--command") for c in _commands(result.stdout) if c[4] == "ssh"]
+    installs = [c for c in commands if custom in c]
+    assert len(installs) == 2 and not any("pip install" in c or "git clone" in c for c in commands)
+    assert "install skipped" in installs[0]  # still skipped while a training runs
+    starts = [c for c in commands if "siim_jax.train" in c]
+    ids = {re.search(r"SIIM_LAUNCH_ID=(\S+) nohup ", c).group(1) for c in starts}
+    assert len(starts) == 2 and len(ids) == 1 and re.fullmatch(r"run-a-\d{8}T\d{6}Z", ids.pop())
+    # a given SIIM_LAUNCH_ID is kept (re-attaching by hand); a real run with --install-cmd needs no --repo
+    again = _run([TPU, "--dry-run", "--install-cmd", custom], _env(bin_dir, SIIM_LAUNCH_ID="mine-1"))
+    assert "SIIM_LAUNCH_ID=mine-1 nohup" in again.stdout
+    real = _run([TPU, "--workdir", "gs://b/w", "--install-cmd", custom], _env(bin_dir))
+    assert "placeholder" not in real.stderr and called.exists()  # it got as far as gcloud
+    for bad in ["", "a\nb"]:
+        refused = _run([TPU, "--dry-run", "--install-cmd", bad], _env(bin_dir))
+        assert refused.returncode == 2 and "--install-cmd" in refused.stderr
 
 
 @pytest.mark.parametrize("args", [["--bogus"], ["--mode", "preemptible"], ["--name"], ["--max-restarts", "x"],
@@ -202,10 +224,10 @@ case "$*" in
     *"tpu-vm ssh"*)
         [ "$(cat "$state_file" 2> /dev/null)" = READY ] || exit 255
         case "$*" in
-            *"echo none"*)
+            *siim_status=none*)
                 read -r rc state < "$FAKE/events"; sed -i 1d "$FAKE/events"
                 if [ "$state" != READY ]; then echo "$state" > "$state_file"; exit 255; fi
-                echo "$rc" ;;
+                echo "siim_status=$rc" ;;
             *tail*) echo "worker 0 log line" ;;
         esac ;;
     *) exit 3 ;;
