@@ -39,6 +39,9 @@ def base_config() -> ml_collections.ConfigDict:
     # "validation" (top-1 / top-5 of a classifier on the validation split)
     c.evals = ("knn",)
     c.keep_checkpoints = 3
+    # JAX's persistent compilation cache, so that a restart (preemption, requeue) loads the compiled step:
+    # "workdir" = <workdir>/jax_cache, a path (also gs://), or "" for none; $JAX_COMPILATION_CACHE_DIR wins
+    c.compilation_cache_dir = "workdir"
 
     c.model = ml_collections.ConfigDict()
     c.model.loss_type = "siamese"  # the method (siim_jax/methods): siamese, mae, linear_probe or finetune

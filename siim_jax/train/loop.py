@@ -136,10 +136,21 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, stop_at_
         return _train_in_locked_workdir(method, workdir, stop_at_step, initial_weights)
 
 
+def use_compilation_cache(config: ml_collections.ConfigDict, workdir: str) -> None:
+    """Points JAX's persistent compilation cache at config.compilation_cache_dir ("workdir": <workdir>/jax_cache)
+    unless one is set already ($JAX_COMPILATION_CACHE_DIR): a restarted run loads its compiled step and
+    evaluators instead of compiling them again. Takes effect when called before the process's first compile."""
+    where = config.get("compilation_cache_dir", "")
+    if jax.config.jax_compilation_cache_dir or not where:
+        return
+    jax.config.update("jax_compilation_cache_dir", storage.join(workdir, "jax_cache") if where == "workdir" else where)
+
+
 def _train_in_locked_workdir(method, workdir: str, stop_at_step: int | None, initial_weights) -> dict:
     """The run, with stop requests counted from its first line (the command's own StopRequest if it installed
     one at start-up, else one for the length of the run)."""
     stop = StopRequest.active or StopRequest()
+    use_compilation_cache(method.config, workdir)
     try:
         return _train(method, workdir, stop_at_step, initial_weights, stop)
     finally:
