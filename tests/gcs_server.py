@@ -103,6 +103,72 @@ class GcsServer:
             return r.read()
 
 
+class ReadOnlyFront:
+    """An HTTP front for a GcsServer that passes reads (GET, HEAD) through and answers every write (POST, PUT,
+    PATCH, DELETE) with GCS's 403 error body: a bucket the caller may read but not write, as with
+    roles/storage.objectViewer (fake-gcs-server has no IAM of its own). start() -> self; url, env(), stop()."""
+
+    def __init__(self, server: GcsServer):
+        import http.server
+        import threading
+
+        target = server.url
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+            def _forward(self):
+                request = urllib.request.Request(target + self.path, method=self.command,
+                                                 headers={k: v for k, v in self.headers.items()
+                                                          if k.lower() not in ("host", "connection")})
+                try:
+                    with urllib.request.urlopen(request, timeout=30) as response:
+                        status, headers, body = response.status, response.headers.items(), response.read()
+                except urllib.error.HTTPError as error:
+                    status, headers, body = error.code, error.headers.items(), error.read()
+                self.send_response(status)
+                for key, value in headers:
+                    if key.lower() not in ("transfer-encoding", "connection", "content-length"):
+                        self.send_header(key, value)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                if self.command != "HEAD":
+                    self.wfile.write(body)
+
+            def _refuse(self):
+                length = int(self.headers.get("Content-Length") or 0)
+                if length:
+                    self.rfile.read(length)
+                body = (b'{"error": {"code": 403, "message": "caller does not have storage.objects.create access '
+                        b'to the Google Cloud Storage object. Permission denied.", "errors": [{"reason": '
+                        b'"forbidden", "message": "Permission denied."}]}}')
+                self.send_response(403)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            do_GET = do_HEAD = _forward
+            do_POST = do_PUT = do_PATCH = do_DELETE = _refuse
+
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
+        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+
+    def env(self) -> dict:
+        return {"STORAGE_EMULATOR_HOST": self.url, "TENSORSTORE_GCS_HTTP_URL": self.url,
+                "GOOGLE_AUTH_TOKEN_FOR_TESTING": "test-token"}
+
+    def start(self) -> "ReadOnlyFront":
+        self.thread.start()
+        return self
+
+    def stop(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--port", type=int, default=4443)

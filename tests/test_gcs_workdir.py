@@ -178,12 +178,36 @@ def test_runs_racing_for_a_gs_lock_get_it_exactly_once(gcs):
     assert lock_owner(gcs, "race")["host"] == f"host-{won[0]}"
 
 
-def test_a_missing_bucket_is_one_error_line(gcs):
-    done = run_train(*SHORT, "--workdir", "gs://no-such-bucket/run")
+@pytest.mark.parametrize("case", ["no bucket", "no credentials"])
+def test_a_missing_bucket_or_missing_credentials_is_one_error_line(gcs, case):
+    env = dict(os.environ)
+    workdir, expected = "gs://no-such-bucket/run", "not found"
+    if case == "no credentials":  # no emulator: the real clients look for Application Default Credentials
+        for key in gcs.env():
+            env.pop(key, None)
+        env["GOOGLE_APPLICATION_CREDENTIALS"] = "/nonexistent/credentials.json"
+        workdir, expected = "gs://bucket/run", "credentials"
+    done = run_train(*SHORT, "--workdir", workdir, env=env)
     assert done.returncode == 1, done.stderr[-2000:]
     errors = [line for line in done.stderr.splitlines() if line.startswith("error:")]
-    assert len(errors) == 1 and "gs://no-such-bucket/run" in errors[0] and "not found" in errors[0], done.stderr
+    assert len(errors) == 1 and workdir in errors[0] and expected in errors[0], done.stderr
     assert "Traceback" not in done.stderr
+
+
+def test_a_read_only_bucket_is_one_error_line_and_is_left_as_it_was(gcs):
+    """Training into a bucket the account may only read (every write answered 403, as GCS does without
+    storage.objects.create): one `error:` line naming the permission, exit 1, no object written."""
+    from gcs_server import ReadOnlyFront
+    front = ReadOnlyFront(gcs).start()
+    try:
+        done = run_train(*SHORT, "--workdir", "gs://bucket/run", env={**os.environ, **front.env()})
+    finally:
+        front.stop()
+    assert done.returncode == 1, done.stderr[-2000:]
+    errors = [line for line in done.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "gs://bucket/run" in errors[0] and "permission denied" in errors[0], done.stderr
+    assert "Traceback" not in done.stderr
+    assert gcs.objects("bucket") == []
 
 
 @pytest.mark.slow
