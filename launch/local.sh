@@ -74,7 +74,8 @@ while [[ ${#alive[@]} -gt 0 ]]; do
   finished=""
   code=0
   wait -n -p finished "${!alive[@]}" || code=$?
-  [[ -z "$finished" ]] && continue  # wait was interrupted by a forwarded signal, not by a process ending
+  # wait was interrupted by a forwarded signal, not by a process ending (bash then unsets the -p variable)
+  [[ -z "${finished:-}" ]] && continue
   unset "alive[$finished]"
   if [[ $code -ne 0 && $code -ne 75 && ( $status -eq 0 || $status -eq 75 ) ]]; then
     status=$code

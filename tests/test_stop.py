@@ -40,3 +40,36 @@ def test_sigterm_before_the_first_step_exits_75_and_keeps_the_newest_checkpoint(
     assert open(os.path.join(workdir, "metrics.jsonl")).read() == logged  # nothing trained, nothing logged
     assert train_and_evaluate(recipe_config("demo", **TINY), workdir)["step"] == 4  # the rerun goes on
     assert [json.loads(line)["step"] for line in open(os.path.join(workdir, "metrics.jsonl"))] == [1, 2, 3, 4]
+
+
+def test_a_second_ctrl_c_leaves_at_once_with_one_line_on_every_process(tmp_path):
+    """Two Ctrl-C's to launch/local.sh (2 processes, each gets both): every process exits 130 within seconds
+    with one error line, mid-training, instead of finishing the step, saving and leaving through a collective.
+    Caught: the KeyboardInterrupt of a second SIGINT landing inside a collective or jax.distributed.shutdown, where
+    a process waited for its peer (found alive after 180 s)."""
+    args = ["--config", "configs/demo.py", *[f"--config.{k}={v}" for k, v in TINY.items()],
+            "--config.total_steps=100000", "--config.checkpoint_every_steps=100000", "--workdir", str(tmp_path)]
+    proc = subprocess.Popen(["bash", "launch/local.sh", "2", "--devices-per-process", "2", *args], cwd=REPO,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        metrics = tmp_path / "metrics.jsonl"
+        deadline = time.time() + 240
+        while time.time() < deadline and proc.poll() is None:
+            if metrics.exists() and len(metrics.read_text().splitlines()) >= 3:
+                break
+            time.sleep(0.1)
+        assert proc.poll() is None, proc.communicate()[1][-3000:]
+        proc.send_signal(signal.SIGINT)
+        time.sleep(0.5)
+        proc.send_signal(signal.SIGINT)
+        sent = time.time()
+        out, err = proc.communicate(timeout=60)
+        took = time.time() - sent
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.communicate()
+    assert proc.returncode == 130, err[-3000:]
+    assert took < 15, took
+    assert err.count("error: second Ctrl-C: stopped at once") == 2, err[-3000:]
+    assert "Traceback" not in err

@@ -4,8 +4,12 @@ same step, saves it and exits with the resumable status 75). Installed from the 
 step-0 evaluation is a stop request too, not a kill. Imports nothing heavy: it runs before JAX is imported."""
 
 import logging
+import os
 import signal
+import sys
 import threading
+
+EXIT_SECOND_INTERRUPT = 130  # the shell's status for a process ended by SIGINT
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +42,13 @@ class StopRequest:
 
     def _handle(self, signum, _frame):
         if self.signal is not None and signum == signal.SIGINT:
-            raise KeyboardInterrupt  # a second Ctrl-C stops at once
+            if self is StopRequest.active:
+                # a second Ctrl-C leaves at once, whatever the process is doing: an exception could land inside a
+                # collective or jax.distributed.shutdown and wait there for peers that are leaving too
+                print("error: second Ctrl-C: stopped at once, without saving this step; rerun the same command "
+                      "to resume from the newest checkpoint", file=sys.stderr, flush=True)
+                os._exit(EXIT_SECOND_INTERRUPT)
+            raise KeyboardInterrupt  # in-process callers (tests, notebooks): an ordinary interrupt
         self.signal = signum
         log.warning("received %s: all processes stop within a few steps (before the first one if training has "
                     "not started), save that step, then exit", signal.Signals(signum).name)
