@@ -73,3 +73,58 @@ def test_a_second_ctrl_c_leaves_at_once_with_one_line_on_every_process(tmp_path)
     assert took < 15, took
     assert err.count("error: second Ctrl-C: stopped at once") == 2, err[-3000:]
     assert "Traceback" not in err
+
+
+def test_a_preemption_notice_from_the_metadata_server_saves_and_exits_75(tmp_path):
+    """A local server answering as the GCE / Cloud TPU metadata server does (Metadata-Flavor header checked)
+    turns `instance/preempted` to TRUE mid-run: the run stops after an agreed step, saves it, exits 75, and the
+    rerun goes on from there. Caught: a notice that nothing reads (the run dies with the VM, losing everything
+    since the last periodic checkpoint)."""
+    import http.server
+    import threading
+    state = {"preempted": "FALSE", "asked": 0}
+
+    class Metadata(http.server.BaseHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+        def do_GET(self):
+            if self.headers.get("Metadata-Flavor") != "Google":
+                self.send_response(403)
+                self.end_headers()
+                return
+            key = self.path.split("/computeMetadata/v1/instance/", 1)[-1].split("?")[0]
+            value = {"preempted": state["preempted"], "maintenance-event": "NONE"}.get(key)
+            state["asked"] += 1
+            body = (value or "").encode()
+            self.send_response(200 if value is not None else 404)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Metadata)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    args = ["--config", "configs/demo.py", *[f"--config.{k}={v}" for k, v in TINY.items()],
+            "--config.total_steps=100000", "--config.checkpoint_every_steps=100000", "--workdir", str(tmp_path)]
+    env = {**os.environ, "GCE_METADATA_HOST": f"127.0.0.1:{server.server_address[1]}"}
+    proc = subprocess.Popen([sys.executable, "-m", "siim_jax.train", *args], cwd=REPO, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        metrics = tmp_path / "metrics.jsonl"
+        deadline = time.time() + 240
+        while time.time() < deadline and proc.poll() is None:
+            if metrics.exists() and len(metrics.read_text().splitlines()) >= 3:
+                break
+            time.sleep(0.1)
+        assert proc.poll() is None and state["asked"] > 0, proc.communicate()[1][-3000:]
+        state["preempted"] = "TRUE"
+        out, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+        server.shutdown()
+    assert proc.returncode == 75, err[-3000:]
+    assert "the metadata server reports preempted TRUE" in err
+    step = int(out.strip().splitlines()[-1].split("interrupted at step ")[1].split("/")[0])
+    assert saved_steps(str(tmp_path)) == [step] and step >= 3

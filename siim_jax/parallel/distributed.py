@@ -39,6 +39,11 @@ def _cluster_kind() -> str | None:
     return None
 
 
+def on_cloud_tpu() -> bool:
+    """This process runs on a Cloud TPU VM."""
+    return _cluster_kind() == "tpu"
+
+
 def resolve(coordinator_address: str | None = None, num_processes: int | None = None,
             process_id: int | None = None) -> dict | None:
     """The explicit settings (flags, then environment) as initialize() kwargs, or None when none are given."""

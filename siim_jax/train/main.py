@@ -49,7 +49,9 @@ def start_command(usage: str):
         fail(f"could not join the other processes ({type(e).__name__}: {str(e).strip()[:300]}); check "
              "--coordinator_address (reachable from every process, port free) and that all --num_processes "
              "processes were started", EXIT_FAILED)
-    StopRequest.install()  # after joining: JAX's preemption notifier installs its own SIGTERM handler there
+    stop = StopRequest.install()  # after joining: JAX's preemption notifier installs its own SIGTERM handler there
+    if distributed.on_cloud_tpu() or os.environ.get("GCE_METADATA_HOST"):
+        stop.watch_preemption_notice()  # the maintenance / preemption notice becomes a stop request
     own.info("devices: %s", jax.devices() if jax.device_count() <= 16 else f"{jax.device_count()} devices")
     try:
         config = _CONFIG.value

@@ -53,6 +53,43 @@ class StopRequest:
         log.warning("received %s: all processes stop within a few steps (before the first one if training has "
                     "not started), save that step, then exit", signal.Signals(signum).name)
 
+    def request(self, why: str) -> None:
+        """A stop request that is not a signal (a preemption notice): the same vote, save and exit 75."""
+        if self.signal is None:
+            self.signal = signal.SIGTERM
+            log.warning("%s: all processes stop within a few steps, save that step, then exit", why)
+
+    def watch_preemption_notice(self, host: str | None = None, poll_seconds: float = 5.0) -> threading.Thread:
+        """Polls the GCE / Cloud TPU metadata server (`host`, default $GCE_METADATA_HOST or
+        metadata.google.internal) for a preemption (`instance/preempted` TRUE) or a host maintenance event
+        (`instance/maintenance-event` other than NONE) and turns it into a stop request: the run saves before the
+        VM is taken away, although that SIGTERM may come only seconds before. A daemon thread; an unreachable
+        server is retried quietly."""
+        import urllib.request
+        host = host or os.environ.get("GCE_METADATA_HOST") or "metadata.google.internal"
+
+        def read(key):
+            request = urllib.request.Request(f"http://{host}/computeMetadata/v1/instance/{key}",
+                                             headers={"Metadata-Flavor": "Google"})
+            with urllib.request.urlopen(request, timeout=5) as response:
+                return response.read().decode().strip()
+
+        def watch():
+            while self.signal is None:
+                for key, calm in (("preempted", "FALSE"), ("maintenance-event", "NONE")):
+                    try:
+                        value = read(key)
+                    except Exception:  # noqa: BLE001 - no metadata server (yet): look again later
+                        continue
+                    if value and value.upper() != calm:
+                        self.request(f"the metadata server reports {key} {value}")
+                        return
+                threading.Event().wait(poll_seconds)
+
+        thread = threading.Thread(target=watch, daemon=True, name="preemption-notice")
+        thread.start()
+        return thread
+
     def restore(self):
         for s, handler in self.previous.items():
             signal.signal(s, handler)
