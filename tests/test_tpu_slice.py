@@ -198,7 +198,7 @@ def test_launcher_recreates_a_preempted_slice_and_resumes(tmp_path, state):
 # ------------------------------------------------------------------------------------------ the real training
 
 TOTAL, EVERY, PREEMPT_AT = 12, 4, 6  # checkpoints at 4, 8, 12; preempted after step 6, resumed from 4
-RUN = ["--config", "configs/demo.py", "--config.batch_size=16", "--config.data.num_train=256",
+OVERRIDES = ["--config.batch_size=16", "--config.data.num_train=256",
        "--config.log_every_steps=1", "--config.warmup_steps=2", f"--config.total_steps={TOTAL}",
        f"--config.checkpoint_every_steps={EVERY}", "--config.keep_checkpoints=10", "--config.eval_every_steps=0",
        "--config.model.image_size=32", "--config.data.raw_size=40", "--config.data.num_masked=10",
@@ -215,7 +215,7 @@ def test_a_preempted_slice_of_two_workers_ends_where_one_uninterrupted_process_d
     # the reference: one process over the same 4 devices, a local workdir
     reference_env = dict(os.environ, JAX_PLATFORMS="cpu",
                          XLA_FLAGS=os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=4")
-    reference = subprocess.run([sys.executable, "-m", "siim_jax.train", *RUN, "--workdir", str(tmp_path / "local")],
+    reference = subprocess.run([sys.executable, "-m", "siim_jax.train", "--config", "configs/demo.py", *OVERRIDES, "--workdir", str(tmp_path / "local")],
                                cwd=ROOT, env=reference_env, capture_output=True, text=True, timeout=300)
     assert reference.returncode == 0, reference.stderr[-3000:]
     with open(tmp_path / "local" / "metrics.jsonl") as f:
@@ -230,8 +230,8 @@ def test_a_preempted_slice_of_two_workers_ends_where_one_uninterrupted_process_d
     install = f"ln -sfn {shlex.quote(str(ROOT))} ~/siim_jax && ln -sfn {shlex.quote(str(venv))} ~/siim-venv"
     env = cloud_env(state, workers=2, devices=2, FAKE_GCLOUD_PREEMPT_AT_STEP=PREEMPT_AT)
     started = time.time()
-    status, out = launch(env, "--workdir", "gs://bucket/slice", "--install-cmd", install, "--", *RUN,
-                         timeout=300)
+    status, out = launch(env, "--workdir", "gs://bucket/slice", "--config", "configs/demo.py", "--install-cmd",
+                         install, "--", *OVERRIDES, timeout=300)
     took = time.time() - started
     assert status == 0, out[-6000:]
 
@@ -242,6 +242,9 @@ def test_a_preempted_slice_of_two_workers_ends_where_one_uninterrupted_process_d
     worker1 = (state / NAME / "worker1" / "home" / "siim_train.log").read_text()
     resumed = re.findall(r"resumed from \S*/checkpoints/(\d+)", worker0)
     assert resumed and 0 < int(resumed[0]) < PREEMPT_AT, worker0[-3000:]
+    # the relaunch took the killed run's workdir lock over at once, as the same launch (SIIM_LAUNCH_ID)
+    assert re.search(rf"taking over the lock of .*job {NAME}-\d{{8}}T\d{{6}}Z\): a relaunch of the same job",
+                     worker0), worker0[-3000:]
     assert "global devices 4" in worker1 and "process 1/2" in worker1  # two processes of one 4-device run
 
     # every step logged once, with the losses of the uninterrupted run; one checkpoint per saved step
@@ -254,4 +257,4 @@ def test_a_preempted_slice_of_two_workers_ends_where_one_uninterrupted_process_d
     names = gcs.objects("bucket", "slice/checkpoints/")
     saved = sorted({int(n.split("/")[2]) for n in names if n.endswith("/commit_success.txt") and n.count("/") == 3})
     assert saved == list(range(EVERY, TOTAL + 1, EVERY)), names
-    print(f"slice run (launcher to exit): {took:.0f} s")
+    print(f"slice run (launcher to exit): {took:.0f} s, resumed from step {resumed[0]}")
