@@ -7,11 +7,11 @@ Default: the encoder under timm / MAE key names, {'model': state_dict} in a .pth
 .safetensors file (needs no torch); timm's VisionTransformer (global_pool='avg') and the MAE / SiameseIM
 fine-tuning code load it with only their fresh head and fc_norm missing. --full: the whole pretraining state under
 the official SiameseIM key names (target branch under mm_*, BatchNorm running statistics included), which the
-official model loads with strict key matching. Any saved step, whatever mesh it was trained on.
+official model loads with strict key matching. Any saved step, whatever mesh it was trained on. --workdir and
+--out may be on gs:// (siim_jax.storage); an object-store failure is one error line, exit 1.
 """
 
 import argparse
-import os
 import sys
 
 
@@ -33,12 +33,18 @@ def main(argv=None) -> None:
     file_format = args.format or ("safetensors" if args.out.endswith(".safetensors") else "pth")
     # imported after argument parsing so that --help is fast
     from siim_jax.interop import CheckpointFileError, export_state_dict, load_workdir_state, write_state_dict
-    from siim_jax.cli import fail
+    from siim_jax import storage
+    from siim_jax.cli import RunError, fail
     from siim_jax.interop.files import require_torch
     from siim_jax.train.checkpoint import CheckpointMismatchError
 
-    if os.path.isdir(args.out):
-        fail(f"--out {args.out} is a directory; give a file path, e.g. {os.path.join(args.out, 'weights.' + file_format)}", 2)
+    try:
+        out_is_folder = storage.isdir(args.out)
+    except RunError as error:  # the object store of --out cannot be reached
+        fail(str(error), 1)
+    if out_is_folder:
+        fail(f"--out {args.out} is a directory; give a file path, e.g. "
+             f"{storage.join(args.out, 'weights.' + file_format)}", 2)
     try:
         if file_format == "pth":
             require_torch("--format pth")
@@ -53,7 +59,7 @@ def main(argv=None) -> None:
         write_state_dict(state_dict, args.out, file_format)
     except (CheckpointFileError, ValueError) as error:  # bad workdir, step, format or option combination
         fail(str(error), 2)
-    except CheckpointMismatchError as error:
+    except (CheckpointMismatchError, RunError) as error:  # RunError: e.g. storage.ObjectStoreError
         fail(str(error), 1)
     except OSError as error:  # writing --out: read-only folder, full disk ...
         fail(f"cannot write {args.out}: {error.strerror or error}", 1)

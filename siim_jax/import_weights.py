@@ -9,15 +9,15 @@ training resumes and which export / evaluation read like any other.
 encoder (e.g. a fine-tuned ViT), .pth (read with torch.load(weights_only=True)) or .safetensors. An encoder goes
 into the online and the target encoder; its position table is resized (bicubic) to the recipe's resolution.
 Strict: missing, unexpected or mis-shaped keys are an error listing them; --allow-partial loads what fits and
-prints what it skipped. The optimiser state is fresh.
+prints what it skipped. The optimiser state is fresh. --checkpoint and --workdir may be on gs://
+(siim_jax.storage); an object-store failure is one error line, exit 1.
 """
-
-import os
 
 from absl import app, flags
 from ml_collections import config_flags
 
-from siim_jax.cli import fail, flags_parser
+from siim_jax import storage
+from siim_jax.cli import RunError, fail, flags_parser
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Recipe file in configs/.", lock_config=True)
 _CHECKPOINT = flags.DEFINE_string("checkpoint", None, "PyTorch weights: .pth / .pt / .bin or .safetensors.")
@@ -32,6 +32,13 @@ USAGE = ("usage: python -m siim_jax.import_weights --config configs/<recipe>.py 
 
 
 def main(argv):
+    try:
+        _import(argv)
+    except RunError as error:  # e.g. storage.ObjectStoreError: a missing bucket, no permission, no answer
+        fail(str(error), 1)
+
+
+def _import(argv):
     if len(argv) > 1:
         fail(f"unexpected arguments: {argv[1:]}", 2, USAGE)
     import jax
@@ -41,10 +48,10 @@ def main(argv):
     from siim_jax.interop import CheckpointFileError, StateDictMismatchError, import_state_dict, read_state_dict
     from siim_jax.methods import get_method
     from siim_jax.parallel.sharding import create_mesh
-    from siim_jax.train.checkpoint import Checkpointer
+    from siim_jax.train.checkpoint import Checkpointer, CheckpointWriteError
     from siim_jax.train.schedules import learning_rate_fn, training_length
     from siim_jax.train.state import init_train_state
-    from siim_jax.train.workdir_lock import WorkdirBusyError, WorkdirLock
+    from siim_jax.train.workdir_lock import WorkdirLock
 
     logging.set_verbosity(logging.WARNING)  # library chatter (Orbax) off
     try:
@@ -53,7 +60,7 @@ def main(argv):
     except OSError as error:
         fail(str(error), 2, USAGE)
     workdir = _WORKDIR.value
-    if os.path.isdir(os.path.join(workdir, "checkpoints")) and os.listdir(os.path.join(workdir, "checkpoints")):
+    if storage.listdir(storage.join(workdir, "checkpoints")):
         fail(f"{workdir} already holds checkpoints; import into a new --workdir", 2)
     try:
         config_lib.validate(config)
@@ -72,15 +79,14 @@ def main(argv):
     except (config_lib.ConfigError, StateDictMismatchError) as error:
         fail(str(error), 1)
     try:
-        os.makedirs(workdir, exist_ok=True)
-        with WorkdirLock(workdir, enabled=jax.process_index() == 0):
+        storage.makedirs(workdir)
+        with storage.object_store_errors(workdir), WorkdirLock(workdir, enabled=jax.process_index() == 0):
             if jax.process_index() == 0:
-                with open(os.path.join(workdir, "config.json"), "w") as f:
-                    f.write(config.to_json_best_effort(indent=2))
+                storage.write_text(storage.join(workdir, "config.json"), config.to_json_best_effort(indent=2))
             checkpoints = Checkpointer(workdir, config)
             checkpoints.save(int(state.step), state)
             checkpoints.close()
-    except WorkdirBusyError as error:
+    except (RunError, CheckpointWriteError) as error:  # a busy workdir, an object store that refused
         fail(str(error), 1)
     except OSError as error:
         fail(f"cannot write to {error.filename or workdir}: {error.strerror or error}", 1)

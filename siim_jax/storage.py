@@ -155,6 +155,26 @@ def listdir(path) -> list[str]:
                       if str(e).rstrip("/") != p.rstrip("/"))
 
 
+def require_bucket(path) -> None:
+    """Raises ObjectStoreError when `path` is on gs:// and its bucket does not exist: a missing bucket otherwise
+    looks like a missing object (exists / isfile / isdir are False). Call it before reporting a path as not
+    found. Lists at most one object (what roles/storage.objectViewer allows; reading the bucket's own metadata
+    would need more)."""
+    if not str(path).startswith("gs://"):
+        return
+    bucket = str(path)[len("gs://"):].split("/", 1)[0]
+    from google.cloud import storage as gcs
+    with object_store_errors(path):
+        try:
+            next(iter(gcs.Client().bucket(bucket).list_blobs(max_results=1)), None)
+        except Exception as error:  # noqa: BLE001 - google.api_core.exceptions.NotFound, without importing it
+            if classify_error(error) != "missing":
+                raise
+            raise ObjectStoreError(f"{path}: the bucket gs://{bucket} does not exist; check its name "
+                                   f"(`gcloud storage ls`) or create it: `gcloud storage buckets create "
+                                   f"gs://{bucket}`") from None
+
+
 def makedirs(path) -> None:
     """A local folder (and its parents); nothing on an object store (folders there are name prefixes)."""
     if not is_remote(path):
@@ -192,6 +212,16 @@ def write_bytes(path, data: bytes) -> None:
 
 def write_text(path, text: str) -> None:
     write_bytes(path, text.encode())
+
+
+def append_text(path, text: str) -> None:
+    """Appends `text` to a file; an object cannot be appended to, so on an object store the whole object is read
+    and rewritten (for small files written rarely: a command's summary record)."""
+    if not is_remote(path):
+        with open(path, "a") as f:
+            f.write(text)
+        return
+    write_text(path, (read_text(path) if exists(path) else "") + text)
 
 
 def move(source, destination) -> None:
@@ -233,6 +263,15 @@ def writable_local_file(path, suffix: str = ""):
         fs, p = _fs(path)
         with object_store_errors(path):
             fs.put_file(local, p)
+
+
+def point_cpp_clients_at_emulator() -> None:
+    """Readers built on google-cloud-cpp (ArrayRecord's GCS reader, which TFDS uses) find an emulator through
+    CLOUD_STORAGE_EMULATOR_ENDPOINT, not STORAGE_EMULATOR_HOST: set the former from the latter when only that is
+    set (else they go to the real GCS, and without credentials wait minutes for a metadata server)."""
+    emulator = os.environ.get("STORAGE_EMULATOR_HOST")
+    if emulator and not os.environ.get("CLOUD_STORAGE_EMULATOR_ENDPOINT"):
+        os.environ["CLOUD_STORAGE_EMULATOR_ENDPOINT"] = emulator
 
 
 def forget_clients() -> None:

@@ -3,10 +3,9 @@ classification method on an encoder from --pretrained, with the pretraining comm
 statuses. Few-shot: siim_jax/eval/fewshot.py's protocol, one summary line. Importing this module defines the
 flags; the protocols' own modules define none."""
 
-import os
-
 from absl import app, flags
 
+from siim_jax import storage
 from siim_jax.cli import EXIT_USAGE, fail, flags_parser
 from siim_jax.eval.pretrained import NO_PRETRAINING, record_pretrained
 from siim_jax.train import main as train_main  # defines --config, --workdir and the multi-process flags
@@ -86,6 +85,6 @@ def export_finetuned(workdir: str) -> str:
     from siim_jax.interop import classifier_state_dict, load_workdir_state, write_state_dict
 
     method, state = load_workdir_state(workdir)
-    path = os.path.join(workdir, "finetuned.safetensors")
+    path = storage.join(workdir, "finetuned.safetensors")
     write_state_dict(classifier_state_dict(method, state), path, "safetensors")
     return path

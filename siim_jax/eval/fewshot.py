@@ -8,8 +8,9 @@ siim_jax/eval/logistic.py).
 
 import json
 import logging
-import os
 import time
+
+from siim_jax import storage
 
 log = logging.getLogger("siim_jax.fewshot")
 EVAL_RESAMPLE = "bilinear"  # official main_logistic.py: torchvision's default Resize(256)
@@ -66,8 +67,9 @@ def evaluate_few_shot(config, workdir: str, pretrained: str, branch: str) -> dic
     if (f.per_class > 0) == bool(f.subset_file):
         raise ConfigError(f"set exactly one of config.fewshot.per_class (now {f.per_class}) and "
                           f"config.fewshot.subset_file (now {f.subset_file!r})")
-    os.makedirs(workdir, exist_ok=True)
-    with WorkdirLock(workdir, enabled=jax.process_index() == 0):
+    workdir = storage.absolute(workdir)
+    storage.makedirs(workdir)
+    with storage.object_store_errors(workdir), WorkdirLock(workdir, enabled=jax.process_index() == 0):
         started = time.perf_counter()
         mesh = create_mesh(config.mesh)
         graphdef, _, state, shardings = init_train_state(method, mesh, lambda step: 0.0)
@@ -106,14 +108,14 @@ def evaluate_few_shot(config, workdir: str, pretrained: str, branch: str) -> dic
         hits, total = (int(c) for c in np.asarray(jax.device_get(correct)))
         summary = {"top1": hits / max(total, 1), "n_train": n, "n_val": total, "l2": f.l2, "feature": f.feature,
                    "iterations": info["iterations"], "grad_norm": info["grad_norm"],
-                   "seconds": time.perf_counter() - started, "workdir": os.path.abspath(workdir),
+                   "seconds": time.perf_counter() - started, "workdir": workdir,
                    "interrupted": False}
         if jax.process_index() == 0:
-            with open(os.path.join(workdir, "metrics.jsonl"), "a") as out:
-                out.write(json.dumps({"step": 0, "fewshot_top1": summary["top1"], "n_train": n, "n_val": total,
-                                      "iterations": info["iterations"]}) + "\n")
+            storage.append_text(storage.join(workdir, "metrics.jsonl"), json.dumps(
+                {"step": 0, "fewshot_top1": summary["top1"], "n_train": n, "n_val": total,
+                 "iterations": info["iterations"]}) + "\n")
             from tensorboardX import SummaryWriter
-            with SummaryWriter(os.path.join(workdir, "tensorboard")) as board:
+            with SummaryWriter(storage.join(workdir, "tensorboard")) as board:
                 board.add_scalar("fewshot_top1", summary["top1"], 0)
     return summary
 

@@ -144,8 +144,8 @@ def few_shot_subset(labels, *, per_class: int | None = None, index_file: str | N
         if base in position:
             raise ValueError(f"file name {base!r} occurs more than once in names (indices {position[base]}, {i})")
         position[base] = i
-    with open(index_file) as f:
-        listed = [line.strip() for line in f if line.strip()]
+    from siim_jax import storage
+    listed = [line.strip() for line in storage.read_text(index_file).splitlines() if line.strip()]
     unknown = [name for name in listed if os.path.basename(name) not in position]
     if unknown:
         raise ValueError(f"{len(unknown)} of the {len(listed)} names in {index_file} are not in the training source, "

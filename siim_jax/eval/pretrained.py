@@ -1,14 +1,15 @@
 """--pretrained for the evaluation commands: a pretraining workdir (its newest checkpoint), or a PyTorch file
 (.pth / .safetensors: a timm / MAE encoder or an official SiameseIM pretraining state), read through the strict,
-safe import of siim_jax.interop; the encoder goes into the evaluation model's encoder."""
+safe import of siim_jax.interop; the encoder goes into the evaluation model's encoder. Either may be on gs://
+(siim_jax.storage)."""
 
 import json
 import logging
-import os
 
 import jax
 import numpy as np
 
+from siim_jax import storage
 from siim_jax.interop import (CheckpointFileError, detect_kind, export_state_dict, import_state_dict,
                               load_workdir_state, read_state_dict, state_layout)
 
@@ -30,7 +31,7 @@ def pretrained_encoder(path: str, branch: str = "online") -> tuple[dict[str, np.
     """
     if branch not in ("online", "target"):
         raise CheckpointFileError(f"--encoder={branch!r}: choose online or target")
-    if os.path.isdir(path):
+    if storage.isdir(path):
         pretraining, state = load_workdir_state(path)
         step = int(state.step)
         return export_state_dict(pretraining, state, "encoder", branch), f"{path} step {step} ({branch} encoder)"
@@ -64,8 +65,7 @@ def record_pretrained(workdir: str, pretrained: str, branch: str) -> None:
     """<workdir>/pretrained.json: where the encoder came from (process 0)."""
     if jax.process_index() != 0:
         return
-    os.makedirs(workdir, exist_ok=True)
-    where = pretrained if pretrained == NO_PRETRAINING else os.path.abspath(pretrained)
-    with open(os.path.join(workdir, "pretrained.json"), "w") as f:
-        json.dump({"pretrained": where, "encoder": branch}, f)
+    storage.makedirs(workdir)
+    where = pretrained if pretrained == NO_PRETRAINING else storage.absolute(pretrained)
+    storage.write_text(storage.join(workdir, "pretrained.json"), json.dumps({"pretrained": where, "encoder": branch}))
 

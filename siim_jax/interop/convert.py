@@ -7,12 +7,12 @@ checked before any array of the state is touched.
 
 import json
 import math
-import os
 
 import jax
 import ml_collections
 import numpy as np
 
+from siim_jax import storage
 from siim_jax.cli import RunError
 from siim_jax.config import base_config
 from siim_jax.interop.files import CheckpointFileError
@@ -226,12 +226,12 @@ def _set(tree, path, value):
 
 def workdir_config(workdir: str) -> ml_collections.ConfigDict:
     """The config a training run recorded in <workdir>/config.json, on top of today's defaults."""
-    path = os.path.join(workdir, "config.json")
-    if not os.path.isfile(path):
+    path = storage.join(workdir, "config.json")
+    if not storage.isfile(path):
+        storage.require_bucket(path)  # a missing bucket: ObjectStoreError, saying so
         raise CheckpointFileError(f"{path} not found: --workdir must be a directory written by "
                                   "python -m siim_jax.train or python -m siim_jax.import_weights")
-    with open(path) as f:
-        recorded = json.load(f)
+    recorded = json.loads(storage.read_text(path))
     config = base_config()
 
     def update(node, values):
@@ -261,7 +261,7 @@ def load_workdir_state(workdir: str, step: int | None = None) -> tuple[Method, T
 
     config = workdir_config(workdir)
     method = get_method(config)
-    if not os.path.isdir(os.path.join(workdir, "checkpoints")):
+    if not storage.isdir(storage.join(workdir, "checkpoints")):
         raise CheckpointFileError(f"{workdir} has no checkpoints/ directory")
     mesh = create_mesh({"data": 1, "fsdp": 1, "tensor": 1}, devices=jax.devices()[:1])
     _, _, abstract, _ = abstract_train_state(method, mesh, lambda step: 0.0)

@@ -3,6 +3,8 @@
 `.safetensors` needs no torch (safetensors.numpy); `.pth` / `.pt` / `.bin` needs torch and is read with
 `torch.load(..., weights_only=True)`, which refuses arbitrary pickled objects. Every array comes back as NumPy:
 floating arrays as float32, integer arrays only where the key allows it (BatchNorm `num_batches_tracked`).
+Files may be on gs:// (siim_jax.storage): read from a downloaded temporary copy, written to a local temporary
+file that is then uploaded.
 """
 
 import argparse
@@ -11,6 +13,7 @@ import os
 
 import numpy as np
 
+from siim_jax import storage
 from siim_jax.cli import RunError
 
 SAFETENSORS_SUFFIX = ".safetensors"
@@ -26,13 +29,14 @@ def _note_conversions(path: str, counts: dict) -> None:
                     ", ".join(f"{n} {name} array{'s' if n > 1 else ''}" for name, n in sorted(counts.items())))
 
 
-def _read_safetensors(path: str) -> dict:
-    """key -> NumPy array; bfloat16 / float16 arrays come back as float32 (one notice per file). Read with
-    safetensors' flax backend, which (unlike its numpy backend) represents bfloat16 (ml_dtypes.bfloat16)."""
+def _read_safetensors(path: str, local: str) -> dict:
+    """key -> NumPy array of the file `path` (a local copy at `local`); bfloat16 / float16 arrays come back as
+    float32 (one notice per file). Read with safetensors' flax backend, which (unlike its numpy backend)
+    represents bfloat16 (ml_dtypes.bfloat16)."""
     import ml_dtypes
     import safetensors
     out, counts = {}, {}
-    with safetensors.safe_open(path, framework="flax") as f:
+    with safetensors.safe_open(local, framework="flax") as f:
         for key in f.keys():
             array = np.asarray(f.get_tensor(key))
             if array.dtype in (np.dtype(np.float16), np.dtype(ml_dtypes.bfloat16)):
@@ -66,15 +70,17 @@ def read_state_dict(path: str) -> dict[str, np.ndarray]:
 
     Accepts {'model': sd}, {'state_dict': sd} or a bare sd; strips a DistributedDataParallel `module.` prefix.
     """
-    if not os.path.isfile(path):
+    if not storage.isfile(path):
+        storage.require_bucket(path)  # a missing bucket: ObjectStoreError, saying so
         raise CheckpointFileError(f"checkpoint file {path} does not exist")
-    if format_of(path) == "safetensors":
-        try:
-            raw = _read_safetensors(path)
-        except Exception as error:  # safetensors raises its own error types (bad header, unknown dtype ...)
-            raise CheckpointFileError(f"cannot read {path} as safetensors: {error}") from None
-    else:
-        raw = _read_torch_file(path)
+    with storage.local_file(path, os.path.splitext(path)[1]) as local:
+        if format_of(path) == "safetensors":
+            try:
+                raw = _read_safetensors(path, local)
+            except Exception as error:  # safetensors raises its own error types (bad header, unknown dtype ...)
+                raise CheckpointFileError(f"cannot read {path} as safetensors: {error}") from None
+        else:
+            raw = _read_torch_file(path, local)
     if len(raw) == 1 and next(iter(raw)) in ("model", "state_dict") and isinstance(next(iter(raw.values())), dict):
         raw = next(iter(raw.values()))
     if raw and all(k.startswith("module.") for k in raw):
@@ -82,13 +88,13 @@ def read_state_dict(path: str) -> dict[str, np.ndarray]:
     return {key: validated_array(key, value, path) for key, value in raw.items()}
 
 
-def _read_torch_file(path: str) -> dict:
+def _read_torch_file(path: str, local: str) -> dict:
     torch = require_torch(f"reading {path}")
     try:
         # MAE-style training checkpoints carry the argparse Namespace of their run next to the weights: allow
         # that one plain-data class, nothing else.
         with torch.serialization.safe_globals([argparse.Namespace]):
-            loaded = torch.load(path, map_location="cpu", weights_only=True)
+            loaded = torch.load(local, map_location="cpu", weights_only=True)
     except Exception as error:
         first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise CheckpointFileError(
@@ -133,12 +139,13 @@ def validated_array(key: str, value, path: str) -> np.ndarray:
 def write_state_dict(state_dict: dict[str, np.ndarray], path: str, file_format: str = "pth") -> None:
     """Writes {'model': state_dict} with torch.save (file_format "pth") or a flat safetensors file."""
     arrays = {k: np.asarray(v, order="C") for k, v in state_dict.items()}  # (ascontiguousarray makes 0-d 1-d)
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    if file_format == "safetensors":
-        import safetensors.numpy
-        safetensors.numpy.save_file(arrays, path, metadata={"format": "pt"})
-    elif file_format == "pth":
-        torch = require_torch("writing a .pth file")
-        torch.save({"model": {k: torch.from_numpy(v.copy()) for k, v in arrays.items()}}, path)
-    else:
+    if file_format not in ("safetensors", "pth"):
         raise ValueError(f"unknown file format {file_format!r}: choose 'pth' or 'safetensors'")
+    torch = require_torch("writing a .pth file") if file_format == "pth" else None
+    storage.makedirs(storage.parent(path))
+    with storage.writable_local_file(path, os.path.splitext(path)[1]) as local:
+        if file_format == "safetensors":
+            import safetensors.numpy
+            safetensors.numpy.save_file(arrays, local, metadata={"format": "pt"})
+        else:
+            torch.save({"model": {k: torch.from_numpy(v.copy()) for k, v in arrays.items()}}, local)

@@ -13,9 +13,11 @@ One row per pair, three panels:
       view 1 is drawn as a triangle in the border band, pointing towards where it lies (slid along the band
       when several would land on the same spot).
 If the geometry is right, each coloured mark in (c) sits on the same image content as in (b). Also installed as
-`siim-jax-visualize`; the old name `python -m siim_jax.data.visualize` still works.
+`siim-jax-visualize`; the old name `python -m siim_jax.data.visualize` still works. --out may be on gs://
+(siim_jax.storage); an object-store failure is one error line, exit 1.
 """
 
+import io
 import os
 import sys
 
@@ -25,7 +27,8 @@ from ml_collections import config_flags
 from PIL import Image, ImageDraw, ImageFont
 
 from siim_jax import config as config_lib
-from siim_jax.cli import fail, flags_parser
+from siim_jax import storage
+from siim_jax.cli import RunError, fail, flags_parser
 from siim_jax.data.pipeline import TooManyBadImagesError, TwoViewBatches
 from siim_jax.data.sources import SourceError, open_source
 from siim_jax.data.views import view2_patch_centres_in_view1
@@ -226,7 +229,13 @@ def render_pairs(pairs: dict, scale: int) -> Image.Image:
 
 
 def write_png(image: Image.Image, path: str) -> str:
-    """Writes `image` to `path` atomically (a temporary file in the same folder, then os.replace)."""
+    """Writes `image` to `path` atomically (a temporary file in the same folder, then os.replace; on an object
+    store: one whole-object upload). Returns the absolute path."""
+    if storage.is_remote(path):
+        encoded = io.BytesIO()
+        image.save(encoded, format="PNG")
+        storage.write_bytes(path, encoded.getvalue())
+        return storage.absolute(path)
     path = os.path.abspath(path)
     os.makedirs(os.path.dirname(path), exist_ok=True)
     temporary = f"{path}.tmp{os.getpid()}"
@@ -253,7 +262,7 @@ def main(argv):
         pairs = sample_pairs(config, _NUM.value, _STEP.value)
         scale = _SCALE.value or default_scale(config.model.image_size)
         path = write_png(render_pairs(pairs, scale), _OUT.value)
-    except (config_lib.ConfigError, SourceError, TooManyBadImagesError, OSError) as error:
+    except (config_lib.ConfigError, RunError, SourceError, TooManyBadImagesError, OSError) as error:
         fail(str(error), 1)
     print(path, flush=True)
 

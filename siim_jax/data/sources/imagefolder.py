@@ -1,5 +1,10 @@
 """`config.data.source = "imagefolder:<root>"`: files `<root>/<split>/<class>/<image>`, the layout the official
-code reads; its validation split is `<root>/val/`."""
+code reads; its validation split is `<root>/val/`.
+
+`<root>` must be on a file system. A bucket (`imagefolder:gs://...`) is refused with one line: one object read per
+image (ImageNet: 1.28 M objects, each a round trip of tens of milliseconds) cannot feed training; put the images
+in a TFDS array_record dataset on the bucket (`data.source=tfds:<name>`, `data.tfds_data_dir=gs://...`), which is
+read in large chunks, or mount the bucket with gcsfuse and name the mount point."""
 
 import logging
 import os
@@ -104,6 +109,11 @@ class ImageFolderSource:
 def open_imagefolder(location: str, data_config, seed: int, split: str) -> ImageFolderSource:
     """`<location>/<config.data.split>/` for training; `<location>/val/` for validation, labelled with the
     training split's class indices."""
+    if "://" in location:
+        raise SourceError(f"imagefolder:{location}: image folders on an object store are not supported (one object "
+                          "read per image is too slow to feed training); use a TFDS array_record dataset on the "
+                          "bucket (data.source=tfds:<name>, data.tfds_data_dir=gs://...), or mount the bucket with "
+                          "gcsfuse and use imagefolder:<mount point>")
     root = os.path.expanduser(location)
     if split == "train":
         return ImageFolderSource(root, data_config.split)

@@ -12,6 +12,15 @@ batch that does not depend on the number of processes).
 Reading never imports TensorFlow: TFDS parses the records with NumPy and protobuf, and the image bytes are
 returned still encoded (`tfds.decode.SkipDecoding`), so the pipeline decodes them with PIL exactly as it does
 files from an image folder, and counts the undecodable ones.
+
+On a bucket (`config.data.tfds_data_dir=gs://...`) the dataset is read in place, nothing is copied: TFDS reads
+its metadata through etils epath (gcsfs), and ArrayRecord reads the records with its own GCS reader (riegeli's
+GcsReader on google-cloud-cpp, in array-record releases since August 2025; measured with 0.8.6). That reader
+finds a GCS emulator through CLOUD_STORAGE_EMULATOR_ENDPOINT, which is set here from STORAGE_EMULATOR_HOST
+(siim_jax.storage.point_cpp_clients_at_emulator). Older array-record releases open every path as a local file
+("open() failed: No such file or directory; opening gs://..."): the first record is read when the source opens,
+and such a failure is one SourceError line telling to upgrade array-record or to copy the dataset to a local
+disk (`gcloud storage cp -r`).
 """
 
 import logging
@@ -19,6 +28,7 @@ import os
 
 import numpy as np
 
+from siim_jax import storage
 from siim_jax.data.sources.base import BadImageError, SourceError, register_source
 
 log = logging.getLogger(__name__)
@@ -78,6 +88,9 @@ class TfdsSource:
                               f"`pip install tensorflow-datasets array-record`") from e
         if data_dir and "://" not in data_dir:
             data_dir = os.path.expanduser(data_dir)
+        remote = bool(data_dir) and storage.is_remote(data_dir)
+        if remote:
+            storage.point_cpp_clients_at_emulator()  # ArrayRecord's GCS reader, before it is first built
         where = data_dir or tfds.core.constants.get_default_data_dir()
         where_hint = ("config.data.tfds_data_dir" if data_dir else
                       "TFDS's default folder (config.data.tfds_data_dir is empty)")
@@ -97,6 +110,7 @@ class TfdsSource:
             raise SourceError(f"tfds:{name}: cannot open it under {where!r}: {_first_line(e)}") from e
 
         if not builder.is_prepared():
+            storage.require_bucket(where)  # a missing bucket: ObjectStoreError, saying so
             base_name = name.split("/")[0].split(":")[0]
             prepared = _prepared_spellings(where, base_name)
             found = f"; prepared there: {', '.join(prepared)} (name one as tfds:<that>)" if prepared else ""
@@ -159,9 +173,28 @@ class TfdsSource:
         if len(self._records) != num_examples:
             raise SourceError(f"tfds:{name}: split {split!r} lists {num_examples} examples but its files hold "
                               f"{len(self._records)}; prepare the dataset again")
+        if remote and len(self._records):
+            self._check_remote_reads(name, where)
         log.info("%s/%s: %d examples (%s, from %s), image feature %r, %s", self.name, split, len(self._records),
                  ", ".join(sorted(f.value for f in formats)), os.fspath(builder.data_dir), image_key,
                  f"{self.num_classes} classes" if self.label_key else "no labels")
+
+    def _check_remote_reads(self, name: str, where: str) -> None:
+        """Reads the first record of a dataset on an object store: SourceError (one line: upgrade array-record
+        or copy the dataset to a local disk) when the installed ArrayRecord cannot read from there."""
+        try:
+            self._records[0]
+        except Exception as e:  # noqa: BLE001 - old array-record: RuntimeError "open() failed ..."
+            from importlib.metadata import PackageNotFoundError, version
+            try:
+                installed = f"array-record {version('array-record')}"
+            except PackageNotFoundError:
+                installed = "the installed array-record"
+            raise SourceError(
+                f"tfds:{name}: {installed} cannot read the records under {where!r} ({_first_line(e)}); upgrade it "
+                f"(`pip install -U array-record`; releases since August 2025 read gs:// directly, 0.8.6 tested), "
+                f"or copy the dataset to a local disk: `gcloud storage cp -r {storage.join(where, name.split('/')[0].split(':')[0])} "
+                f"<local folder>/` and set config.data.tfds_data_dir=<local folder>") from None
 
     def __len__(self) -> int:
         return len(self._records)
