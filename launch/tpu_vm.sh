@@ -121,7 +121,9 @@ while [[ $# -gt 0 ]]; do
                 --repo) repo="$2" ;;
                 --ref) ref="$2" ;;
                 --python) python_version="$2" ;;
-                --install-cmd) install_custom="$2"; [[ $2 =~ [^[:space:]] ]] || die_usage "--install-cmd needs a command" ;;
+                --install-cmd)
+                    install_custom="$2"
+                    [[ $2 =~ [^[:space:]] ]] || die_usage "--install-cmd needs a command" ;;
                 --max-restarts) max_restarts="$2" ;;
                 --poll-seconds) poll_seconds="$2" ;;
             esac
@@ -212,7 +214,8 @@ home_repo="~/siim_jax" venv="~/siim-venv"
 # one id for every start of this launcher run: the workdir lock lets a run of the same launch take over at once
 # (a re-created slice has new host names, and the killed run's lock would otherwise hold for its stale time)
 launch_id="${SIIM_LAUNCH_ID:-$name-$(date -u +%Y%m%dT%H%M%SZ)}"
-train_cmd="SIIM_LAUNCH_ID=$(shq "$launch_id") nohup $venv/bin/python -m siim_jax.train --config $(shq "$config") --workdir $(shq "$workdir")"
+train_cmd="SIIM_LAUNCH_ID=$(shq "$launch_id") nohup $venv/bin/python -m siim_jax.train --config $(shq "$config")"
+train_cmd+=" --workdir $(shq "$workdir")"
 for flag in "${train_flags[@]}"; do
     train_cmd+=" $(shq "$flag")"
 done

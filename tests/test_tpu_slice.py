@@ -172,17 +172,20 @@ done
 """
 
 
-def test_launcher_recreates_a_preempted_slice_and_resumes(tmp_path, state):
+@pytest.mark.parametrize("mode", ["spot", "queued-spot"])
+def test_launcher_recreates_a_preempted_slice_and_resumes(tmp_path, state, mode):
     workdir = tmp_path / "workdir"
     workdir.mkdir()
     env = cloud_env(state, FAKE_GCLOUD_PREEMPT_AT_STEP=3, WORKDIR_DIR=workdir)
-    status, out = launch(env, "--workdir", "gs://bucket/x", "--install-cmd", stand_in_install(STEPPER), "--",
-                         timeout=90)
+    status, out = launch(env, "--mode", mode, "--workdir", "gs://bucket/x", "--install-cmd",
+                         stand_in_install(STEPPER), "--", timeout=90)
     calls = (state / "calls.log").read_text().splitlines()
     assert status == 0, out
     assert re.search(rf"slice {NAME} is PREEMPTED \(preempted\): re-creating it and resuming \(1/10\)", out), out
-    verbs = [line.split()[3] for line in calls if line.startswith("compute tpus tpu-vm ")]
+    api = "queued-resources" if mode == "queued-spot" else "tpu-vm"
+    verbs = [line.split()[3] for line in calls if line.startswith(f"compute tpus {api} ")]
     assert verbs.count("create") == 2 and verbs.count("delete") == 1
+    assert all("--spot" in line for line in calls if line.startswith(f"compute tpus {api} create "))
     assert sum(line.startswith("# preempted sim") for line in calls) == 1
     # both workers were killed mid-run (none reached step 8 before the preemption) and started again from where
     # they were; each ran to step 8 in the end
@@ -197,12 +200,14 @@ def test_launcher_recreates_a_preempted_slice_and_resumes(tmp_path, state):
 
 # ------------------------------------------------------------------------------------------ the real training
 
-TOTAL, EVERY, PREEMPT_AT = 12, 4, 6  # checkpoints at 4, 8, 12; preempted after step 6, resumed from 4
-OVERRIDES = ["--config.batch_size=16", "--config.data.num_train=256",
-       "--config.log_every_steps=1", "--config.warmup_steps=2", f"--config.total_steps={TOTAL}",
-       f"--config.checkpoint_every_steps={EVERY}", "--config.keep_checkpoints=10", "--config.eval_every_steps=0",
-       "--config.model.image_size=32", "--config.data.raw_size=40", "--config.data.num_masked=10",
-       "--config.model.decoder_width=32", "--config.model.predictor_depth=1", "--config.model.projector_depth=1"]
+# checkpoints at 4, 8, 12; preempted once the progress bar shows step 7 (the async save of 4 has had three steps
+# to finish, the save of 8 has not begun), resumed from 4
+TOTAL, EVERY, PREEMPT_AT = 12, 4, 7
+OVERRIDES = ["--config.batch_size=16", "--config.data.num_train=256", "--config.log_every_steps=1",
+             "--config.warmup_steps=2", f"--config.total_steps={TOTAL}", f"--config.checkpoint_every_steps={EVERY}",
+             "--config.keep_checkpoints=10", "--config.eval_every_steps=0", "--config.model.image_size=32",
+             "--config.data.raw_size=40", "--config.data.num_masked=10", "--config.model.decoder_width=32",
+             "--config.model.predictor_depth=1", "--config.model.projector_depth=1"]
 
 
 def losses(records) -> dict:
@@ -215,7 +220,8 @@ def test_a_preempted_slice_of_two_workers_ends_where_one_uninterrupted_process_d
     # the reference: one process over the same 4 devices, a local workdir
     reference_env = dict(os.environ, JAX_PLATFORMS="cpu",
                          XLA_FLAGS=os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=4")
-    reference = subprocess.run([sys.executable, "-m", "siim_jax.train", "--config", "configs/demo.py", *OVERRIDES, "--workdir", str(tmp_path / "local")],
+    reference = subprocess.run([sys.executable, "-m", "siim_jax.train", "--config", "configs/demo.py", *OVERRIDES,
+                                "--workdir", str(tmp_path / "local")],
                                cwd=ROOT, env=reference_env, capture_output=True, text=True, timeout=300)
     assert reference.returncode == 0, reference.stderr[-3000:]
     with open(tmp_path / "local" / "metrics.jsonl") as f:
@@ -236,7 +242,8 @@ def test_a_preempted_slice_of_two_workers_ends_where_one_uninterrupted_process_d
     assert status == 0, out[-6000:]
 
     # preempted once, re-created, resumed from the checkpoint before the preemption
-    assert sum(line.startswith("# preempted sim") for line in (state / "calls.log").read_text().splitlines()) == 1
+    calls = (state / "calls.log").read_text()
+    assert calls.count("# preempted sim") == 1, out[-6000:]
     assert f"slice {NAME} is PREEMPTED (preempted): re-creating it and resuming (1/10)" in out
     worker0 = (state / NAME / "worker0" / "home" / "siim_train.log").read_text()
     worker1 = (state / NAME / "worker1" / "home" / "siim_train.log").read_text()
