@@ -80,11 +80,13 @@ class Checkpointer:
         try:
             self.manager.wait_until_finished()
         except Exception as error:  # noqa: BLE001
-            where = (storage.describe_error(error) if storage.is_remote(self.directory) else None) or (
-                f"{_first_line(error)}; check the free space, file size limits and permissions there")
+            store = storage.describe_error(error) if storage.is_remote(self.directory) else None
+            if store:  # it already says what to do and that the run resumes
+                raise CheckpointWriteError(f"writing a checkpoint into {self.directory} failed: {store}") from None
             raise CheckpointWriteError(
-                f"writing a checkpoint into {self.directory} failed ({where}); unfinished steps are never restored, "
-                "so rerunning the same command resumes from the newest finished one") from None
+                f"writing a checkpoint into {self.directory} failed ({_first_line(error)}); check the free space, "
+                "file size limits and permissions there; unfinished steps are never restored, so rerunning the "
+                "same command resumes from the newest finished one") from None
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()

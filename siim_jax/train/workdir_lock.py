@@ -235,7 +235,9 @@ class WorkdirLock:
         self.stop.set()
         if self.generation is not None:
             try:
-                self._blob().delete(if_generation_match=self.generation)
+                from google.api_core.retry import Retry
+                # a short retry: an unreachable store must not hold the exit for the default 120 s
+                self._blob().delete(if_generation_match=self.generation, retry=Retry(timeout=10))
             except Exception as error:  # noqa: BLE001 - released or not, the run's result stands
                 log.warning("could not release %s: %s", self.path, storage.describe_error(error) or error)
             self.generation = None
