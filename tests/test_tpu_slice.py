@@ -265,3 +265,14 @@ def test_a_preempted_slice_of_two_workers_ends_where_one_uninterrupted_process_d
     saved = sorted({int(n.split("/")[2]) for n in names if n.endswith("/commit_success.txt") and n.count("/") == 3})
     assert saved == list(range(EVERY, TOTAL + 1, EVERY)), names
     print(f"slice run (launcher to exit): {took:.0f} s, resumed from step {resumed[0]}")
+
+    # one machine reads what the two workers wrote: the whole state, and an export to the bucket
+    from state_compare import assert_same_state
+    assert_same_state("gs://bucket/slice", tmp_path / "local", rtol=1e-5, atol=1e-6, other_mesh=True)
+    export = subprocess.run([sys.executable, "-m", "siim_jax.export", "--workdir", "gs://bucket/slice", "--out",
+                             "gs://bucket/slice/vit.safetensors"], cwd=ROOT, capture_output=True, text=True,
+                            timeout=300)
+    assert export.returncode == 0, export.stderr[-3000:]
+    import safetensors.numpy
+    tensors = safetensors.numpy.load(gcs.read("bucket", "slice/vit.safetensors"))
+    assert "cls_token" in tensors and "blocks.0.attn.qkv.weight" in tensors, sorted(tensors)[:10]
