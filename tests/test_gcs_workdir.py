@@ -22,6 +22,15 @@ from siim_jax.train.workdir_lock import WorkdirBusyError, WorkdirLock
 SHORT = [*DEMO_RUN, "--config.total_steps=6", "--config.checkpoint_every_steps=2"]
 
 
+@pytest.fixture(scope="module")
+def local_reference(tmp_path_factory):
+    """The workdir of an uninterrupted SHORT run on a local disk."""
+    workdir = tmp_path_factory.mktemp("local_reference")
+    done = run_train(*SHORT, "--workdir", str(workdir))
+    assert done.returncode == 0, done.stderr[-2000:]
+    return workdir
+
+
 def metrics(gcs, prefix: str) -> list[dict]:
     return [json.loads(line) for line in gcs.read("bucket", f"{prefix}/metrics.jsonl").decode().splitlines()]
 
@@ -44,11 +53,9 @@ def wait_for(condition, timeout: float, proc=None) -> bool:
     return False
 
 
-def test_a_gs_workdir_is_killed_mid_run_and_resumes_to_the_uninterrupted_state(gcs, tmp_path):
+def test_a_gs_workdir_is_killed_mid_run_and_resumes_to_the_uninterrupted_state(gcs, local_reference):
     """kill -9 (a preemption) once a checkpoint is on the server; the relaunch resumes from it, metrics.jsonl ends
     with every step once, and the final train state equals an uninterrupted run on a local disk."""
-    reference = run_train(*SHORT, "--workdir", str(tmp_path / "local"))
-    assert reference.returncode == 0, reference.stderr[-2000:]
     proc = subprocess.Popen([sys.executable, "-m", "siim_jax.train", *SHORT, "--workdir", "gs://bucket/run"],
                             cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             start_new_session=True)
@@ -68,12 +75,12 @@ def test_a_gs_workdir_is_killed_mid_run_and_resumes_to_the_uninterrupted_state(g
     assert "taking over the lock" in again.stderr
     logged = metrics(gcs, "run")
     assert [r["step"] for r in logged] == list(range(1, 7))  # nothing lost, nothing twice
-    local = [json.loads(line) for line in open(tmp_path / "local" / "metrics.jsonl")]
+    local = [json.loads(line) for line in open(local_reference / "metrics.jsonl")]
     assert [r["loss"] for r in logged] == pytest.approx([r["loss"] for r in local], rel=1e-6)
     assert steps_saved(gcs, "run") == [4, 6]  # the demo keeps the newest 2: one per saved step
     assert "run/LOCK" not in gcs.objects("bucket", "run/")  # released at the end
     assert json.loads(gcs.read("bucket", "run/config.json"))["total_steps"] == 6
-    assert_same_state("gs://bucket/run", tmp_path / "local", rtol=1e-6, atol=1e-7)
+    assert_same_state("gs://bucket/run", local_reference, rtol=1e-6, atol=1e-7)
 
 
 READ_BOARD = """
@@ -211,12 +218,10 @@ def test_a_read_only_bucket_is_one_error_line_and_is_left_as_it_was(gcs):
 
 
 @pytest.mark.slow
-def test_the_server_stopping_during_a_save_is_one_line_and_the_relaunch_resumes(gcs, tmp_path):
+def test_the_server_stopping_during_a_save_is_one_line_and_the_relaunch_resumes(gcs, local_reference):
     """The store goes away right after the first checkpoint: the run ends with one error line (status 1, after
     the clients' retries), nothing half-written is ever restored, and once the store is back the relaunch resumes
     from the newest intact checkpoint and ends with the uninterrupted losses."""
-    reference = run_train(*SHORT, "--workdir", str(tmp_path / "local"))
-    assert reference.returncode == 0, reference.stderr[-2000:]
     proc = subprocess.Popen([sys.executable, "-m", "siim_jax.train", *SHORT, "--workdir", "gs://bucket/run"],
                             cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             start_new_session=True)
@@ -238,28 +243,33 @@ def test_the_server_stopping_during_a_save_is_one_line_and_the_relaunch_resumes(
     assert again.returncode == 0, again.stderr[-3000:]
     assert resumed_from(again.stderr) == before
     assert [r["step"] for r in metrics(gcs, "run")] == list(range(1, 7))
-    assert_same_state("gs://bucket/run", tmp_path / "local", rtol=1e-6, atol=1e-7)
+    assert_same_state("gs://bucket/run", local_reference, rtol=1e-6, atol=1e-7)
 
 
-@pytest.mark.parametrize("damage", ["truncate", "delete"])
-def test_a_damaged_newest_gs_checkpoint_is_passed_over_and_moved_aside(gcs, damage):
-    """An array object of the newest step cut short or missing: the relaunch warns, resumes from the step before,
-    and the damaged step is moved to checkpoints_unusable/ on the bucket, every object kept."""
-    first = run_train(*SHORT, "--config.total_steps=4", "--workdir", "gs://bucket/run")
-    assert first.returncode == 0, first.stderr[-2000:]
-    assert steps_saved(gcs, "run") == [2, 4]
-    data = [n for n in gcs.objects("bucket", "run/checkpoints/4/state/") if "/d/" in n]
-    victim = max(data, key=lambda n: len(gcs.read("bucket", n)))
+def test_damaged_newest_gs_checkpoints_are_passed_over_and_moved_aside(gcs):
+    """An array object of the newest step cut short, one of the step before missing: the relaunch warns about
+    each, resumes from the step before them, and both damaged steps are moved to checkpoints_unusable/ on the
+    bucket with every object they had."""
     from google.cloud import storage
-    blob = storage.Client().bucket("bucket").blob(victim)
-    if damage == "truncate":
-        blob.upload_from_string(gcs.read("bucket", victim)[:100])
-    else:
-        blob.delete()
-    kept = {n.split("/checkpoints/4/", 1)[1] for n in gcs.objects("bucket", "run/checkpoints/4/")}
-    again = run_train(*SHORT, "--workdir", "gs://bucket/run")
+    first = run_train(*SHORT, "--config.keep_checkpoints=3", "--workdir", "gs://bucket/run")
+    assert first.returncode == 0, first.stderr[-2000:]
+    assert steps_saved(gcs, "run") == [2, 4, 6]
+    kept = {}
+    for step, damage in ((6, "truncate"), (4, "delete")):
+        data = [n for n in gcs.objects("bucket", f"run/checkpoints/{step}/state/") if "/d/" in n]
+        victim = max(data, key=lambda n: len(gcs.read("bucket", n)))
+        kept[step] = {n.split(f"/checkpoints/{step}/", 1)[1] for n in gcs.objects("bucket", f"run/checkpoints/{step}/")}
+        blob = storage.Client().bucket("bucket").blob(victim)
+        if damage == "truncate":
+            blob.upload_from_string(gcs.read("bucket", victim)[:100])
+        else:
+            blob.delete()
+            kept[step].discard(victim.split(f"/checkpoints/{step}/", 1)[1])
+    again = run_train(*SHORT, "--config.keep_checkpoints=3", "--config.total_steps=8", "--workdir", "gs://bucket/run")
     assert again.returncode == 0, again.stderr[-3000:]
-    assert "checkpoints/4 cannot be read" in again.stderr and resumed_from(again.stderr) == 2
+    assert "checkpoints/6 cannot be read" in again.stderr and "checkpoints/4 cannot be read" in again.stderr
+    assert resumed_from(again.stderr) == 2
     moved = gcs.objects("bucket", "run/checkpoints_unusable/")
-    assert {n.split("/", 3)[3] for n in moved} == kept  # every object of the damaged step, moved, none lost
-    assert steps_saved(gcs, "run") == [4, 6]
+    for step in (4, 6):  # every object of each damaged step, moved, none lost
+        assert {n.split("/", 3)[3] for n in moved if n.split("/")[2].startswith(f"{step}-")} == kept[step]
+    assert steps_saved(gcs, "run") == [4, 6, 8]
