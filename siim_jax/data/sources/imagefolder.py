@@ -1,10 +1,12 @@
 """`config.data.source = "imagefolder:<root>"`: files `<root>/<split>/<class>/<image>`, the layout the official
 code reads; its validation split is `<root>/val/`.
 
-`<root>` must be on a file system. A bucket (`imagefolder:gs://...`) is refused with one line: one object read per
-image (ImageNet: 1.28 M objects, each a round trip of tens of milliseconds) cannot feed training; put the images
-in a TFDS array_record dataset on the bucket (`data.source=tfds:<name>`, `data.tfds_data_dir=gs://...`), which is
-read in large chunks, or mount the bucket with gcsfuse and name the mount point."""
+`<root>` must be on a file system. A bucket (`imagefolder:gs://...`) is refused with one line rather than
+supported through siim_jax.storage: this source lists every file when it opens (ImageNet: 1.28 M objects, about
+1300 listing requests before the first step, on every process) and then opens one object per image. Put the
+images in a TFDS array_record dataset on the bucket instead (`data.source=tfds:<name>`,
+`data.tfds_data_dir=gs://...`: a few large objects, their record index read once), or mount the bucket with
+gcsfuse and name the mount point."""
 
 import logging
 import os
@@ -110,8 +112,8 @@ def open_imagefolder(location: str, data_config, seed: int, split: str) -> Image
     """`<location>/<config.data.split>/` for training; `<location>/val/` for validation, labelled with the
     training split's class indices."""
     if "://" in location:
-        raise SourceError(f"imagefolder:{location}: image folders on an object store are not supported (one object "
-                          "read per image is too slow to feed training); use a TFDS array_record dataset on the "
+        raise SourceError(f"imagefolder:{location}: image folders on an object store are not supported (listing "
+                          "and opening one object per image); use a TFDS array_record dataset on the "
                           "bucket (data.source=tfds:<name>, data.tfds_data_dir=gs://...), or mount the bucket with "
                           "gcsfuse and use imagefolder:<mount point>")
     root = os.path.expanduser(location)
