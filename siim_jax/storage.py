@@ -10,6 +10,8 @@ A local GCS server is found through the libraries' standard variables alone:
     STORAGE_EMULATOR_HOST=http://127.0.0.1:PORT      gcsfs, google-cloud-storage (lock, TensorBoard)
     TENSORSTORE_GCS_HTTP_URL=http://127.0.0.1:PORT   TensorStore (the checkpoint arrays)
     GOOGLE_AUTH_TOKEN_FOR_TESTING=any                TensorStore without credentials
+    CLOUD_STORAGE_EMULATOR_ENDPOINT=http://...       ArrayRecord's reader (TFDS records); set from
+                                                     STORAGE_EMULATOR_HOST when absent (point_cpp_clients_at_emulator)
 
 Objects are written whole (an upload either lands or does not), so `write_text` is atomic on both kinds of path.
 Transient object-store errors are retried by the clients (gcsfs: 6 tries with backoff; google-cloud-storage and

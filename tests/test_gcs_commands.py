@@ -158,11 +158,14 @@ def test_a_missing_bucket_to_write_to_is_one_error_line_with_exit_1(gcs, pretrai
         assert result.returncode == 1 and "gs://nobucket" in line, (what, result.stderr[-3000:])
 
 
-def test_tfds_array_record_is_read_in_place_from_gs(gcs, tmp_path):
+def test_tfds_array_record_is_read_in_place_from_gs(gcs, tmp_path, monkeypatch):
     """A TFDS array_record dataset uploaded to the bucket reads the same examples as its local copy, through
     ArrayRecord's own GCS reader (pointed at the server by CLOUD_STORAGE_EMULATOR_ENDPOINT, set from
-    STORAGE_EMULATOR_HOST)."""
+    STORAGE_EMULATOR_HOST). An array-record release without that reader (its error simulated) is one SourceError
+    line telling to upgrade or to copy the dataset to a local disk."""
     import test_tfds_source
+    from array_record.python import array_record_data_source
+    from siim_jax.data.sources import SourceError
     from siim_jax.data.sources.tfds import TfdsSource
 
     os.environ.pop("CLOUD_STORAGE_EMULATOR_ENDPOINT", None)  # an earlier test's server; set again from the fixture's
@@ -177,6 +180,14 @@ def test_tfds_array_record_is_read_in_place_from_gs(gcs, tmp_path):
         assert [remote.read(i) for i in range(len(remote))] == [reference.read(i) for i in range(len(reference))]
         assert [remote.label(i) for i in range(len(remote))] == [reference.label(i) for i in range(len(reference))]
         assert sorted(remote.read(i) for i in range(len(remote))) == sorted(e["image"] for e in test_tfds_source.TRAIN)
+
+        def old_reader(filename, *args, **kwargs):  # array-record before its GCS reader: a local open()
+            raise RuntimeError(f"open() failed: No such file or directory; opening {filename}")
+        monkeypatch.setattr(array_record_data_source, "_create_reader", old_reader)
+        with pytest.raises(SourceError, match=r"cannot read the records under 'gs://bucket/tfds' \(open\(\) failed.*"
+                           r"pip install -U array-record.*gcloud storage cp -r gs://bucket/tfds/siim_tiny_images ") as e:
+            TfdsSource(f"{test_tfds_source.NAME}/labelled", "test", "gs://bucket/tfds")
+        assert "\n" not in str(e.value)
     finally:
         os.environ.pop("CLOUD_STORAGE_EMULATOR_ENDPOINT", None)
 
