@@ -191,3 +191,71 @@ def test_fewshot_top1_equals_sklearn_logistic_regression_on_the_same_features(tm
     assert abs(summary["top1"] * 21 - hits) <= ambiguous + 1e-9, (summary, hits, ambiguous)
     if ambiguous == 0:
         assert summary["top1"] == hits / 21
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the k-NN monitor (train/evaluators.py: KnnEvaluator)
+
+
+def numpy_knn(bank, bank_labels, queries, k: int, temperature: float, num_classes: int):
+    """(predictions (Q,), ambiguous (Q,) bool) of DINO's weighted k-NN in float64 NumPy: cosine similarity of L2
+    normalised rows, the k most similar bank rows vote exp(sim / T) for their label, argmax (lowest class first).
+
+    A prediction is ambiguous when float rounding of the features (~1e-6 here; 1e-4 allowed) could change it:
+    the k-th and (k+1)-th similarities are closer than 1e-4 (the voters could differ), or the two largest class
+    votes are closer than the factor exp(2e-4 / T) that such errors can move each vote by."""
+    unit = lambda x: x / np.linalg.norm(x, axis=1, keepdims=True)  # noqa: E731
+    sims = unit(queries) @ unit(bank).T
+    order = np.argsort(-sims, axis=1, kind="stable")
+    k = min(k, bank.shape[0])
+    votes = np.zeros((len(queries), num_classes))
+    for q in range(len(queries)):
+        for j in order[q, :k]:
+            votes[q, bank_labels[j]] += np.exp(sims[q, j] / temperature)
+    ranked = -np.sort(-sims, axis=1)
+    gap = ranked[:, k - 1] - ranked[:, k] if k < bank.shape[0] else np.full(len(queries), np.inf)
+    top2 = -np.sort(-votes, axis=1)[:, :2]
+    ambiguous = (gap < 1e-4) | (top2[:, 0] < top2[:, 1] * np.exp(2e-4 / temperature))
+    return np.argmax(votes, axis=1), ambiguous
+
+
+@pytest.mark.parametrize("mesh_name", list(MESHES))
+def test_knn_monitor_top1_equals_numpy_knn_of_independent_features(mesh_name):
+    """KnnEvaluator.run's knn_top1 (bank 27, queries 13 in batches of 8: 5 and 3 padded rows) equals weighted
+    k-NN counted in NumPy on features computed here (NumPy normalisation, the encoder's mean patch token on one
+    device, no mesh), with k = 20 of 27 so the k-th neighbour boundary is crossed. Images at the model's size (no
+    resize in either path). Predictions within float rounding of a boundary are counted as either (at most 2
+    allowed, else the test says nothing). Catches: padded queries counted (hits / 16), padded bank rows voting
+    (their zero images' features vote for label 0), votes summed per device over rows shared by two tensor
+    devices, the query labels misaligned with their rows, a temperature or k not applied."""
+    config = override(tiny_config(), {
+        **TINY_MODEL, **MESHES[mesh_name], "data.raw_size": 32, "data.num_train": 27, "data.num_classes": 3,
+        "knn.num_bank": 27, "knn.num_query": 13, "knn.batch_size": 8, "knn.k": 20, "eval_every_steps": 1})
+    method = get_method(config)
+    mesh = create_mesh(config.mesh)
+    graphdef, _, state, shardings = init_train_state(method, mesh, lambda step: 0.0)
+    source = open_source(config.data, config.seed)
+    (evaluator,) = build_evaluators(config, method, graphdef, mesh, shardings, source)
+    assert evaluator.name == "knn"
+    figure = evaluator.run(state)["knn_top1"]
+
+    from siim_jax.data.sources.builtin import make_builtin_images
+    bank_images, bank_labels = make_builtin_images(config.seed, 27, 32, config.data.num_classes)
+    query_images, query_labels = make_builtin_images(config.seed, 13, 32, config.data.num_classes, offset=27)
+
+    def features(params, ema_params, batch_stats, images):
+        model = nnx.merge(graphdef, method.merge_params(params, ema_params), batch_stats)
+        return method.encoder(model, "online").features(images)
+
+    host = jax.device_get((state.params, state.ema_params, state.batch_stats))
+    feats = on_one_device(features, *host, normalised(np.concatenate([bank_images, query_images])))
+    predicted, ambiguous = numpy_knn(feats[:27], bank_labels, feats[27:], k=20, temperature=config.knn.temperature,
+                                     num_classes=config.data.num_classes)
+    sure = ~ambiguous
+    low = int(np.sum((predicted == query_labels) & sure))
+    high = low + int(ambiguous.sum())
+    assert ambiguous.sum() <= 2, ambiguous
+    assert 0 < high and low < 13  # neither all wrong nor all right: the count says something
+    assert low / 13 <= figure <= high / 13, (figure, low, high)
+    # what counting the padded queries would report (hits / 16) lies outside the allowed range: the test sees it
+    assert all(not low / 13 <= hits / 16 <= high / 13 for hits in range(max(low, 1), high + 1)), (low, high, figure)

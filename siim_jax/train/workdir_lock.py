@@ -111,7 +111,8 @@ class WorkdirLock:
         same_host = previous.get("host") == self.owner["host"]
         same_job = previous.get("job") is not None and previous.get("job") == self.owner["job"]
         age = time.time() - float(previous.get("heartbeat", 0) or 0)
-        if same_job and not (same_host and _pid_alive(previous.get("pid")) and previous.get("pid") != self.owner["pid"]):
+        live_here = same_host and _pid_alive(previous.get("pid")) and previous.get("pid") != self.owner["pid"]
+        if same_job and not live_here:
             log.warning("taking over the lock of %s: a relaunch of the same job", _describe(previous))
             return
         if not same_host and age < stale_seconds():
@@ -120,7 +121,7 @@ class WorkdirLock:
                 f"workdir {self.workdir} is in use by the run of {_describe(previous)} (heartbeat {age:.0f} s ago); "
                 f"if that run is dead, {where}, or wait until its heartbeat is {stale_seconds():.0f} s old "
                 f"({STALE_ENV})")
-        if same_host and _pid_alive(previous.get("pid")) and previous.get("pid") != self.owner["pid"] and not flock_held:
+        if live_here and not flock_held:
             raise WorkdirBusyError(f"workdir {self.workdir} is in use by the run of {_describe(previous)}; wait for "
                                    "it to finish or use another --workdir")
         log.warning("taking over the lock of %s, which ended without releasing it", _describe(previous))
