@@ -117,7 +117,7 @@ def run_side_by_side(commands: dict) -> dict:
 def assert_missing_bucket_errors(done: dict) -> None:
     for what, result in done.items():
         line = one_error_line(result)
-        assert result.returncode == 1 and "gs://nobucket" in line and "does not exist" in line, (
+        assert result.returncode == 1 and "gs://nobucket" in line and "gcloud storage buckets create" in line, (
             what, result.stderr[-3000:])
 
 
