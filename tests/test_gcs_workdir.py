@@ -188,7 +188,7 @@ def test_runs_racing_for_a_gs_lock_get_it_exactly_once(gcs):
 @pytest.mark.parametrize("case", ["no bucket", "no credentials"])
 def test_a_missing_bucket_or_missing_credentials_is_one_error_line(gcs, case):
     env = dict(os.environ)
-    workdir, expected = "gs://no-such-bucket/run", "not found"
+    workdir, expected = "gs://no-such-bucket/run", "the bucket gs://no-such-bucket does not exist"
     if case == "no credentials":  # no emulator: the real clients look for Application Default Credentials
         for key in gcs.env():
             env.pop(key, None)

@@ -129,6 +129,7 @@ class WorkdirLock:
     def acquire(self) -> None:
         stale_seconds()  # a bad setting is one line now, not a failing heartbeat later
         if storage.is_remote(self.path):
+            storage.require_bucket(self.workdir)  # else a missing bucket reads as a 404 on the lock object
             with storage.object_store_errors(self.path):
                 self._acquire_object()
         else:
