@@ -175,3 +175,45 @@ def test_commands_refuse_bad_input_in_one_line(pretrained, tmp_path):
         errors = [line for line in done.stderr.splitlines() if line.startswith("error:")]
         assert done.returncode == status and len(errors) == 1 and named in errors[0], done.stderr[-3000:]
         assert "Traceback" not in done.stderr
+
+
+def run_processes(module, args, count=2, devices=4):
+    """`module` on `count` local processes joined over localhost, `devices` fake CPU devices each (as
+    launch/local.sh starts the trainer); returns the CompletedProcess-like results, process 0 first."""
+    import socket
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "JAX_PLATFORMS": "cpu",
+           "XLA_FLAGS": f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={devices}"}
+    procs = [subprocess.Popen([sys.executable, "-m", module, *args, "--coordinator_address", f"localhost:{port}",
+                               "--num_processes", str(count), "--process_id", str(i)], cwd=REPO, env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+             for i in range(count)]
+    try:
+        outputs = [p.communicate(timeout=600) for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                os.killpg(p.pid, 9)
+                p.communicate()
+    return [subprocess.CompletedProcess(p.args, p.returncode, out, err) for p, (out, err) in zip(procs, outputs)]
+
+
+@pytest.mark.multiprocess
+def test_fewshot_on_two_processes_gives_the_one_process_figures(pretrained, tmp_path):
+    """2 processes x 4 devices against 1 x 8: the same top-1, solver iterations and gradient norm. Caught:
+    jax.device_get on features that span the other process's devices (a RuntimeError traceback)."""
+    workdir, _ = pretrained
+    common = ["--config", "configs/fewshot_demo.py", "--pretrained", workdir, *flags({**TINY_MODEL, "batch_size": 16}),
+              "--config.fewshot.per_class=2"]
+    one = run_module("siim_jax.fewshot", *common, "--workdir", str(tmp_path / "one"))
+    assert one.returncode == 0, one.stderr[-3000:]
+    two = run_processes("siim_jax.fewshot", [*common, "--workdir", str(tmp_path / "two")])
+    assert [r.returncode for r in two] == [0, 0], [r.stderr[-3000:] for r in two]
+    expected, got = records(tmp_path / "one")[-1], records(tmp_path / "two")[-1]
+    assert got["fewshot_top1"] == expected["fewshot_top1"] and got["n_val"] == expected["n_val"] == 24
+    assert got["iterations"] == expected["iterations"]
+    assert two[0].stdout.strip().splitlines()[-1].split("top1: ")[1] == \
+        one.stdout.strip().splitlines()[-1].split("top1: ")[1].replace(str(tmp_path / "one"), str(tmp_path / "two"))
+    assert "Traceback" not in two[0].stderr + two[1].stderr

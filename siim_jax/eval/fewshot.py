@@ -51,6 +51,9 @@ def evaluate_few_shot(config, workdir: str, pretrained: str, branch: str) -> dic
     from siim_jax.eval.pretrained import (NO_PRETRAINING, pretrained_encoder, record_pretrained,
                                           with_pretrained_encoder)
     from siim_jax.methods import get_method
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    from siim_jax.parallel.distributed import to_host
     from siim_jax.parallel.sharding import create_mesh
     from siim_jax.train.evaluators import make_feature_fn
     from siim_jax.train.state import init_train_state
@@ -94,18 +97,20 @@ def evaluate_few_shot(config, workdir: str, pretrained: str, branch: str) -> dic
         feature_fn = make_feature_fn(config, method, graphdef, mesh, shardings, feature=feature, branch="online")
         train_feats, train_labels, train_valid = encoder_features(config, feature_fn, state,
                                                                   SubsetSource(train, chosen), mesh)
-        keep = np.flatnonzero(np.asarray(jax.device_get(train_valid)))  # the subset: small, 1% of the data
-        x_train = jnp.asarray(jax.device_get(train_feats))[keep]
-        y_train = jnp.asarray(jax.device_get(train_labels))[keep]
+        # the subset is small (1% of the data): gathered to every process, which all fit the same weights
+        keep = np.flatnonzero(to_host(train_valid))
+        x_train = jnp.asarray(to_host(train_feats))[keep]
+        y_train = jnp.asarray(to_host(train_labels))[keep]
         val_feats, val_labels, val_valid = encoder_features(
             config, feature_fn, state, open_source(config.data, config.seed, "validation"), mesh)
         x_train, x_val = centre_and_normalise_rows(x_train), centre_and_normalise_rows(val_feats)
         n = len(keep)
         weights, info = fit_logistic_regression(x_train, y_train, config.classifier.num_classes, f.l2 / n,
                                                 max_iter=f.max_iter, return_info=True)
+        weights = jax.device_put(np.asarray(weights), NamedSharding(mesh, PartitionSpec()))  # on every device
         correct = jax.jit(lambda x, y, v, w: jnp.stack([jnp.sum(v & (jnp.argmax(x @ w, -1) == y)), jnp.sum(v)]))(
             x_val, val_labels, val_valid, weights)
-        hits, total = (int(c) for c in np.asarray(jax.device_get(correct)))
+        hits, total = (int(c) for c in to_host(correct))
         summary = {"top1": hits / max(total, 1), "n_train": n, "n_val": total, "l2": f.l2, "feature": f.feature,
                    "iterations": info["iterations"], "grad_norm": info["grad_norm"],
                    "seconds": time.perf_counter() - started, "workdir": workdir,

@@ -263,7 +263,8 @@ def load_workdir_state(workdir: str, step: int | None = None) -> tuple[Method, T
     method = get_method(config)
     if not storage.isdir(storage.join(workdir, "checkpoints")):
         raise CheckpointFileError(f"{workdir} has no checkpoints/ directory")
-    mesh = create_mesh({"data": 1, "fsdp": 1, "tensor": 1}, devices=jax.devices()[:1])
+    # one device of this process: every process of a multi-process command reads the whole state
+    mesh = create_mesh({"data": 1, "fsdp": 1, "tensor": 1}, devices=jax.local_devices()[:1])
     _, _, abstract, _ = abstract_train_state(method, mesh, lambda step: 0.0)
     checkpoints = Checkpointer(workdir, config)
     try:

@@ -109,6 +109,17 @@ def sum_over_processes(value: int) -> int:
     return int(np.sum(multihost_utils.process_allgather(np.asarray(value, np.int64))))
 
 
+def to_host(x: jax.Array) -> np.ndarray:
+    """The whole value of a global array as host NumPy, on every process (call it on every process at the same
+    point when the array spans several). Replicated arrays are read locally; sharded ones are gathered."""
+    if x.is_fully_addressable:
+        return np.asarray(jax.device_get(x))
+    if x.is_fully_replicated:
+        return np.asarray(x.addressable_data(0))
+    from jax.experimental import multihost_utils
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+
+
 class StopVote:
     """One stop decision for all processes, without stalling the device queue.
 
