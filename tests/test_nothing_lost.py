@@ -173,7 +173,7 @@ def test_kill_9_at_random_points_then_relaunches_end_where_an_uninterrupted_run_
         before = checkpoints_before_relaunch(workdir)
         proc = subprocess.Popen([sys.executable, "-m", "siim_jax.train", *DEMO_RUN, "--workdir", str(workdir)],
                                 cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        if kills < 3:
+        if kills < 2:
             # kill somewhere between start-up and a few steps past the newest checkpoint
             metrics = workdir / "metrics.jsonl"
             target = rng.randint(1, 6)
@@ -195,7 +195,7 @@ def test_kill_9_at_random_points_then_relaunches_end_where_an_uninterrupted_run_
         # it went on from the newest checkpoint the kills left (or, had that one been unreadable, the previous)
         assert resumed_from(err) == expected_resume_step(before, workdir), (before, err[-3000:])
         break
-    assert kills == 3
+    assert kills == 2
     # the whole final state (step 24, params, EMA, optimiser state, BatchNorm statistics, counters)
     assert_same_state(workdir, tmp_path / "reference", rtol=1e-6, atol=1e-7)
     logged = [json.loads(line)["step"] for line in open(workdir / "metrics.jsonl")]
