@@ -102,9 +102,16 @@ class MetricsWriter:
         return list(self.kept)
 
     def close(self) -> None:
-        if self.enabled:
-            self.flush()
-            self.tb.close()
+        """Flushes and closes; never raises (it runs while another failure may be on its way out): a record or
+        event that cannot be written is one warning line, and TensorBoard's exit hook has nothing left to do."""
+        if not self.enabled:
+            return
+        for what, action in (("metrics.jsonl", self.flush), ("the TensorBoard events", self.tb.close)):
+            try:
+                action()
+            except Exception as error:  # noqa: BLE001 - a store that went away, a full disk
+                log.warning("could not write %s to %s: %s", what, storage.parent(self.path),
+                            storage.describe_error(error) or error)
 
 
 def device_prefetch(host_batches, mesh, rules, global_rows: int, size: int = 2):
@@ -290,8 +297,10 @@ def _train(method, workdir: str, stop_at_step: int | None, initial_weights, stop
                 timer, timed_steps = time.perf_counter(), 0
     finally:
         progress.close()
-        checkpoints.close()
-        metrics_writer.close()
+        try:
+            checkpoints.close()
+        finally:
+            metrics_writer.close()
 
     records = metrics_writer.records()
     knn = [r["knn_top1"] for r in records if "knn_top1" in r]
