@@ -17,6 +17,15 @@ TINY = {"batch_size": 16, "data.num_train": 64, "data.raw_size": 40, "data.num_m
         "log_every_steps": 1, "eval_every_steps": 0, "total_steps": 4, "checkpoint_every_steps": 2}
 
 
+def wait_until_logged(metrics, lines: int, proc, timeout: float = 240) -> None:
+    """Returns once `metrics` holds `lines` records, or `proc` ended, or `timeout` passed."""
+    deadline = time.time() + timeout
+    while time.time() < deadline and proc.poll() is None:
+        if metrics.exists() and len(metrics.read_text().splitlines()) >= lines:
+            return
+        time.sleep(0.1)
+
+
 def saved_steps(workdir) -> list[int]:
     return sorted(int(n) for n in os.listdir(os.path.join(workdir, "checkpoints")) if n.isdigit())
 
@@ -52,12 +61,7 @@ def test_a_second_ctrl_c_leaves_at_once_with_one_line_on_every_process(tmp_path)
     proc = subprocess.Popen(["bash", "launch/local.sh", "2", "--devices-per-process", "2", *args], cwd=REPO,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
     try:
-        metrics = tmp_path / "metrics.jsonl"
-        deadline = time.time() + 240
-        while time.time() < deadline and proc.poll() is None:
-            if metrics.exists() and len(metrics.read_text().splitlines()) >= 3:
-                break
-            time.sleep(0.1)
+        wait_until_logged(tmp_path / "metrics.jsonl", 3, proc)
         assert proc.poll() is None, proc.communicate()[1][-3000:]
         proc.send_signal(signal.SIGINT)
         time.sleep(0.5)
@@ -110,12 +114,7 @@ def test_a_preemption_notice_from_the_metadata_server_saves_and_exits_75(tmp_pat
     proc = subprocess.Popen([sys.executable, "-m", "siim_jax.train", *args], cwd=REPO, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        metrics = tmp_path / "metrics.jsonl"
-        deadline = time.time() + 240
-        while time.time() < deadline and proc.poll() is None:
-            if metrics.exists() and len(metrics.read_text().splitlines()) >= 3:
-                break
-            time.sleep(0.1)
+        wait_until_logged(tmp_path / "metrics.jsonl", 3, proc)
         assert proc.poll() is None and state["asked"] > 0, proc.communicate()[1][-3000:]
         state["preempted"] = "TRUE"
         out, err = proc.communicate(timeout=120)
