@@ -67,8 +67,15 @@ for ((i = 0; i < processes; i++)); do
   pids+=("$!")
 done
 
-declare -A alive=()
-for pid in "${pids[@]}"; do alive[$pid]=1; done
+declare -A alive=() index=()
+for i in "${!pids[@]}"; do alive[${pids[$i]}]=1; index[${pids[$i]}]=$i; done
+describe() {  # how a process ended, from its exit status
+  if [[ $1 -gt 128 ]]; then
+    echo "was killed by $(kill -l $(($1 - 128)) 2>/dev/null || echo "signal $(($1 - 128))") (status $1)"
+  else
+    echo "exited with status $1"
+  fi
+}
 status=0
 while [[ ${#alive[@]} -gt 0 ]]; do
   finished=""
@@ -79,7 +86,7 @@ while [[ ${#alive[@]} -gt 0 ]]; do
   unset "alive[$finished]"
   if [[ $code -ne 0 && $code -ne 75 && ( $status -eq 0 || $status -eq 75 ) ]]; then
     status=$code
-    echo "launch/local.sh: a process exited with status $code; stopping the others in 10 s" >&2
+    echo "launch/local.sh: error: process ${index[$finished]}/$processes (pid $finished) $(describe "$code"); stopping the others (SIGKILL in 10 s)" >&2
     (sleep 10; forward KILL) &  # they may be exiting on the same error; a hung collective would never end
   elif [[ $code -eq 75 && $status -eq 0 ]]; then
     status=75

@@ -19,10 +19,18 @@ class RunError(Exception):
 
 
 def fail(message: str, status: int, usage: str | None = None):
-    """Prints `error: <message>` on one line (and `usage` if given) to stderr, then exits with `status`."""
-    print("error: " + " ".join(str(message).split()), file=sys.stderr, flush=True)
+    """Prints `error: <message>` on one line (and `usage` if given) to stderr, then exits with `status`.
+
+    In a multi-process run the line starts with `[process i/n]` and the process leaves at once
+    (distributed.exit_now: no exit-time wait for the others, which may be waiting for it)."""
+    distributed = sys.modules.get("siim_jax.parallel.distributed")  # imported (with JAX) only by the commands
+    several = distributed is not None and distributed.several_processes()
+    prefix = f"[{distributed.process_label()}] " if several else ""
+    print("error: " + prefix + " ".join(str(message).split()), file=sys.stderr, flush=True)
     if usage:
         print(usage, file=sys.stderr, flush=True)
+    if several:
+        distributed.exit_now(status)
     sys.exit(status)
 
 

@@ -10,10 +10,14 @@ On the CPU platform the cross-process collectives use gloo. Library code never c
 change process-wide settings.
 """
 
+import atexit
 import collections
 import glob
 import logging
 import os
+import sys
+import threading
+import time
 
 import jax
 import jax.numpy as jnp
@@ -80,14 +84,151 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
     multi = explicit["num_processes"] > 1 if explicit is not None else _cluster_kind() is not None
     if multi:
         jax.config.update("jax_cpu_collectives_implementation", "gloo")  # CPU devices only; others keep theirs
-        jax.distributed.initialize(**(explicit or {}))
+        jax.distributed.initialize(**(explicit or {}), **timeouts())
     if jax.process_count() > 1:
         _prefix = f"[process {jax.process_index()}/{jax.process_count()}] "
+        PeerWatch(timeouts()["heartbeat_timeout_seconds"] / 2).start()
     log.info("process %d/%d, local devices %d, global devices %d", jax.process_index(), jax.process_count(),
              jax.local_device_count(), jax.device_count())
 
 
 _prefix = ""  # "[process i/n] " once initialize found several processes
+
+HEARTBEAT_ENV, SHUTDOWN_ENV = "SIIM_HEARTBEAT_TIMEOUT_SECONDS", "SIIM_SHUTDOWN_TIMEOUT_SECONDS"
+HEARTBEAT_SECONDS, SHUTDOWN_SECONDS = 30, 60  # JAX's own defaults: 100 and 300
+
+
+def timeouts() -> dict:
+    """jax.distributed's timeouts, set deliberately ($SIIM_HEARTBEAT_TIMEOUT_SECONDS, default 30;
+    $SIIM_SHUTDOWN_TIMEOUT_SECONDS, default 60).
+
+    heartbeat: a process that sent no heartbeat for this long is dead for the coordinator, which then ends every
+    other process (JAX aborts them, its log naming the unhealthy process): the bound on a hang when a collective
+    never notices its peer is gone (a host lost, accelerator collectives, a gloo read that saw no reset). A
+    failed collective that does notice raises, and the trainer leaves at once with one line (PeerLostError).
+    shutdown: how long a process that finished waits at exit for the others to finish too; a failing process
+    skips that wait (see `exit_now`)."""
+    values = {}
+    for name, default, key in ((HEARTBEAT_ENV, HEARTBEAT_SECONDS, "heartbeat_timeout_seconds"),
+                               (SHUTDOWN_ENV, SHUTDOWN_SECONDS, "shutdown_timeout_seconds")):
+        text = os.environ.get(name, str(default))
+        if not text.isdigit() or int(text) < 1:
+            raise DistributedSetupError(f"${name}={text!r} must be a whole number of seconds >= 1 "
+                                        f"(default {default})")
+        values[key] = int(text)
+    return values
+
+
+# what a JAX runtime error says when it was raised because another process is gone: its connections reset
+# (gloo on CPU, NCCL on GPU), its heartbeats stopped, a barrier with it failed
+_LOST_CONTACT_MARKS = ("Gloo", "gloo", "NCCL", "Connection reset", "Connection closed", "Connection refused",
+                       "heartbeat", "Barrier", "barrier", "UNAVAILABLE", "DEADLINE_EXCEEDED", "unhealthy",
+                       "coordination service", "Socket closed")
+
+
+class PeerLostError(RuntimeError):
+    """A collective or barrier with the other processes failed: one of them failed or was killed.
+    `saved_step`: the newest checkpoint known to be finished by all processes (None: none yet)."""
+
+    def __init__(self, message: str, saved_step: int | None):
+        super().__init__(message)
+        self.saved_step = saved_step
+
+
+def lost_contact(error: BaseException) -> bool:
+    """`error` is JAX's answer to another process being gone (only in multi-process runs)."""
+    return (jax.process_count() > 1 and isinstance(error, jax.errors.JaxRuntimeError)
+            and any(mark in str(error) for mark in _LOST_CONTACT_MARKS))
+
+
+class PeerWatch(threading.Thread):
+    """Ends this process with one line when another one is gone, before JAX's own heartbeat timeout would abort
+    it with a C++ trace (a collective that saw its peer's connections close has raised long before: this covers
+    the ones that wait). Every process bumps a counter in the coordinator's key-value store every
+    `timeout / 8` s; a peer whose counter stood still for `timeout` s (half the heartbeat timeout) is gone, and
+    so is the coordinator (process 0) when the store stops answering. A process that ends normally says so
+    first (atexit), so the others never mistake an end for a death. Exit status: 75 when every process finished
+    a checkpoint (`finished_checkpoint_step`, kept by the trainer), else 1."""
+
+    PREFIX = "siim_jax/alive/"
+
+    def __init__(self, timeout: float):
+        super().__init__(name="siim-peer-watch", daemon=True)
+        from jax._src import distributed as jax_distributed
+        self.client = jax_distributed.global_state.client
+        self.timeout, self.ended = timeout, threading.Event()
+        atexit.register(self.end)
+
+    def end(self) -> None:
+        """This process ends normally: its peers stop watching it."""
+        if not self.ended.is_set():
+            self.ended.set()
+            try:
+                self.client.key_value_set(f"{self.PREFIX}{jax.process_index()}", "done", allow_overwrite=True)
+            except Exception:  # noqa: BLE001 - the coordinator already ended with the run
+                pass
+
+    def run(self) -> None:
+        me, count = jax.process_index(), jax.process_count()
+        seen = {i: (None, time.monotonic()) for i in range(count) if i != me}  # last value, when it changed
+        beat = 0
+        while not self.ended.wait(self.timeout / 8):
+            beat += 1
+            try:
+                self.client.key_value_set(f"{self.PREFIX}{me}", str(beat), allow_overwrite=True)
+                values = dict(self.client.key_value_dir_get(self.PREFIX))
+            except Exception as error:  # noqa: BLE001 - the store is process 0's
+                if self.ended.is_set() or seen.get(0, (None,))[0] == "done":
+                    return
+                self._leave(f"the coordinator (process 0/{count}) stopped answering "
+                            f"({' '.join(str(error).split())[:150]})")
+                return
+            now = time.monotonic()
+            for i, (last, since) in seen.items():
+                value = values.get(f"{self.PREFIX}{i}")
+                if value != last:
+                    seen[i] = (value, now)
+                elif value != "done" and now - since > self.timeout:
+                    self._leave(f"process {i}/{count} is gone (no sign of life for {self.timeout:.0f} s: killed, "
+                                "crashed or its host lost; its own log or the launcher says why)")
+                    return
+
+    def _leave(self, why: str) -> None:
+        if self.ended.is_set():
+            return
+        step = finished_checkpoint_step
+        lead = "\n" if jax.process_index() == 0 else ""  # off process 0's progress bar line
+        print(f"{lead}error: [{process_label()}] {why}; "
+              + (f"the checkpoint of step {step} is finished: rerunning the same command resumes from it"
+                 if step is not None else "no checkpoint was finished by this run"), file=sys.stderr, flush=True)
+        exit_now(75 if step is not None else 1)
+
+
+finished_checkpoint_step: int | None = None  # the newest checkpoint every process finished (the trainer keeps it)
+
+
+def several_processes() -> bool:
+    """initialize() joined this process to others."""
+    return bool(_prefix)
+
+
+def process_label() -> str:
+    """'process i/n' (the same words as the log prefix)."""
+    return f"process {jax.process_index()}/{jax.process_count()}"
+
+
+def exit_now(status: int) -> None:
+    """Ends a failing process of a multi-process run at once: streams flushed, then os._exit, skipping JAX's
+    exit-time shutdown barrier (which would wait up to its timeout for peers that may themselves be waiting in a
+    collective for this process, then abort with a C++ trace). The others' next collective fails within
+    seconds, or the coordinator's heartbeat timeout ends them."""
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except Exception:  # noqa: BLE001
+            pass
+    logging.shutdown()
+    os._exit(status)
 
 
 class ProcessPrefix(logging.Filter):

@@ -20,6 +20,8 @@ import orbax.checkpoint as ocp
 
 from siim_jax import storage
 from siim_jax.cli import RunError
+from siim_jax.parallel import distributed
+from siim_jax.parallel.distributed import lost_contact
 from siim_jax.train.state import all_finite
 
 log = logging.getLogger(__name__)
@@ -73,13 +75,17 @@ class Checkpointer:
                                                enable_async_checkpointing=True)
         self.manager = ocp.CheckpointManager(self.directory, options=options,
                                              item_names=("state", "signature", "counters"))
+        self._finished(None)
 
     def _finish(self) -> None:
         """Waits for pending saves; a failed one (raised by Orbax / TensorStore as one of many types) becomes
         CheckpointWriteError."""
         try:
             self.manager.wait_until_finished()
+            self._finished(self.manager.latest_step())
         except Exception as error:  # noqa: BLE001
+            if lost_contact(error):  # a peer is gone, not the store: the trainer says so
+                raise
             store = storage.describe_error(error) if storage.is_remote(self.directory) else None
             if store:  # it already says what to do and that the run resumes
                 raise CheckpointWriteError(f"writing a checkpoint into {self.directory} failed: {store}") from None
@@ -87,6 +93,11 @@ class Checkpointer:
                 f"writing a checkpoint into {self.directory} failed ({_first_line(error)}); check the free space, "
                 "file size limits and permissions there; unfinished steps are never restored, so rerunning the "
                 "same command resumes from the newest finished one") from None
+
+    def _finished(self, step: int | None) -> None:
+        """Records the newest step known to be written whole by every process (restored, or a save waited for):
+        the exit status (75 or 1) of a process that leaves because another one is gone."""
+        self.finished_step = distributed.finished_checkpoint_step = step
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
@@ -164,6 +175,7 @@ class Checkpointer:
                 if state_is_finite(state):
                     if skipped:
                         self.set_aside(skipped, "unusable")
+                    self._finished(step)
                     return step, state, counters
                 why = "holds NaN or Inf values"
             older = "trying the previous one" if step != steps[-1] else "no older one is left"

@@ -23,7 +23,7 @@ from siim_jax import storage
 from siim_jax.cli import RunError
 from siim_jax.data.sources import open_source
 from siim_jax.methods import get_method
-from siim_jax.parallel.distributed import StopVote, sum_over_processes
+from siim_jax.parallel.distributed import PeerLostError, StopVote, lost_contact, process_label, sum_over_processes
 from siim_jax.parallel.sharding import batch_shards, create_mesh, global_batch, local_rows, owned_rows_mask
 from siim_jax.train.checkpoint import Checkpointer
 from siim_jax.train.evaluators import build_evaluators, with_best_top1
@@ -160,9 +160,19 @@ def _train_in_locked_workdir(method, workdir: str, stop_at_step: int | None, ini
     use_compilation_cache(method.config, workdir)
     try:
         return _train(method, workdir, stop_at_step, initial_weights, stop)
+    except Exception as error:
+        if isinstance(error, PeerLostError) or not lost_contact(error):
+            raise
+        raise _peer_lost(error, "while starting the run", None) from None
     finally:
         if stop is not StopRequest.active:
             stop.restore()
+
+
+def _peer_lost(error: Exception, when: str, saved_step: int | None) -> PeerLostError:
+    return PeerLostError(f"{process_label()} lost contact with the other processes {when} "
+                         f"({' '.join(str(error).split())[:200]}): one of them failed or was killed (its own log, "
+                         "or the launcher's line, says which and why)", saved_step)
 
 
 def _train(method, workdir: str, stop_at_step: int | None, initial_weights, stop: StopRequest) -> dict:
@@ -251,6 +261,7 @@ def _train(method, workdir: str, stop_at_step: int | None, initial_weights, stop
     progress = tqdm.tqdm(total=length.total_steps, initial=start, desc=method.name, unit="step",
                          dynamic_ncols=True, mininterval=1.0, disable=jax.process_index() != 0)
     interrupted = stopped_before_training
+    peer_lost, dispatched = False, start
     try:
         if stopped_before_training:
             log.warning("stopped before the first step: step %d is where a rerun starts", start)
@@ -261,7 +272,7 @@ def _train(method, workdir: str, stop_at_step: int | None, initial_weights, stop
             state, metrics = train_step(state, batch)
             stop_agreed = vote.step(stop.signal is not None)  # the same answer on every process
             skipped_here += len(skipped)
-            step = step_index + 1
+            step = dispatched = step_index + 1
             pending.append((step, metrics))
             progress.update(1)
             if timer is None:  # the first step compiles
@@ -295,10 +306,16 @@ def _train(method, workdir: str, stop_at_step: int | None, initial_weights, stop
                 break
             if reset_timer:
                 timer, timed_steps = time.perf_counter(), 0
+    except Exception as error:
+        if not lost_contact(error):
+            raise
+        peer_lost = True
+        raise _peer_lost(error, f"near step {dispatched}", checkpoints.finished_step) from None
     finally:
         progress.close()
         try:
-            checkpoints.close()
+            if not peer_lost:  # else a pending save cannot finish without the others: waiting for it would hang
+                checkpoints.close()
         finally:
             metrics_writer.close()
 

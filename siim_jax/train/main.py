@@ -3,6 +3,7 @@
 import logging as py_logging
 import os
 import sys
+import traceback
 
 import jax
 from absl import app, flags, logging
@@ -70,16 +71,31 @@ def finish_training(run, summary_line=None) -> None:
     from siim_jax.train.checkpoint import CheckpointWriteError
     from siim_jax.train.loop import format_summary
 
+    from siim_jax.parallel import distributed
+
     try:
         summary = run()
     except (ConfigError, RunError) as e:
         fail(str(e), EXIT_FAILED)
+    except distributed.PeerLostError as e:
+        # 75 when every process finished a checkpoint: a requeue / restart resumes from it
+        status = EXIT_STOPPED if e.saved_step is not None else EXIT_FAILED
+        then = (f"; the checkpoint of step {e.saved_step} is finished: rerunning the same command resumes from it"
+                if e.saved_step is not None else "; no checkpoint was finished by this run")
+        print("error: " + " ".join(str(e).split()) + then, file=sys.stderr, flush=True)
+        distributed.exit_now(status)
     except CheckpointWriteError as e:
-        print("error: " + " ".join(str(e).split()), file=sys.stderr, flush=True)
+        prefix = f"[{distributed.process_label()}] " if distributed.several_processes() else ""
+        print("error: " + prefix + " ".join(str(e).split()), file=sys.stderr, flush=True)
         os._exit(EXIT_FAILED)  # not sys.exit: Orbax's abandoned writer tasks would print tracebacks at shutdown
     except OSError as e:  # unwritable workdir, full disk (also raised by a checkpoint save that failed)
         fail(f"cannot write to {e.filename or _WORKDIR.value}: {e.strerror or e}; check the permissions and "
              "free space of --workdir (the newest finished checkpoint in it is intact)", EXIT_FAILED)
+    except Exception as e:  # a bug: its traceback; with several processes, this one leaves at once (see fail)
+        if not distributed.several_processes():
+            raise
+        traceback.print_exc()
+        fail(f"failed with {type(e).__name__} (traceback above)", EXIT_FAILED)
     print((summary_line or format_summary)(summary), flush=True)
     if summary["interrupted"]:
         sys.exit(EXIT_STOPPED)  # stopped on request after saving: resumable
