@@ -23,7 +23,7 @@ from siim_jax.config import ConfigError
 from siim_jax.train.checkpoint import (Checkpointer, CheckpointMismatchError, CheckpointUnusableError,
                                        NonFiniteStateError)
 from siim_jax.train.loop import train_and_evaluate
-from siim_jax.train.workdir_lock import WorkdirBusyError, WorkdirLock
+from siim_jax.train.workdir_lock import WorkdirBusyError, WorkdirLock, note_progress
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -117,6 +117,45 @@ def test_a_busy_workdir_is_refused_and_a_dead_runs_lock_taken_over(tmp_path, cap
     assert any(f"pid {holder.pid}" in r.getMessage() and "taking over" in r.getMessage() for r in caplog.records)
     with WorkdirLock(str(tmp_path)):  # released cleanly last time: no warning, no refusal
         pass
+
+
+def test_a_hung_runs_lock_stops_its_heartbeat_until_the_run_moves_again(tmp_path, monkeypatch, caplog):
+    """No progress mark for SIIM_LOCK_HUNG_SECONDS: the heartbeat stops (a relaunch elsewhere may take the
+    workdir once it is stale), and goes on when the run moves again."""
+    monkeypatch.setenv("SIIM_LOCK_STALE_SECONDS", "1")  # a heartbeat every 0.1 s
+    monkeypatch.setenv("SIIM_LOCK_HUNG_SECONDS", "0.6")
+
+    def lock_contents() -> dict:
+        for _ in range(50):  # the heartbeat rewrites the file in place: read again if caught mid-write
+            try:
+                return json.loads((tmp_path / "LOCK").read_text())
+            except ValueError:
+                time.sleep(0.01)
+        raise AssertionError("LOCK never readable")
+
+    elsewhere = WorkdirLock(str(tmp_path), enabled=False)
+    elsewhere.owner["host"] = "another-host"
+    with caplog.at_level(logging.WARNING, logger="siim_jax"), WorkdirLock(str(tmp_path)):
+        first = lock_contents()["heartbeat"]
+        for _ in range(10):  # moving: the heartbeat goes on
+            note_progress()
+            time.sleep(0.1)
+        moving = lock_contents()["heartbeat"]
+        assert moving > first + 0.5
+        with pytest.raises(WorkdirBusyError, match="in use by the run of"):  # fresh: another host is refused
+            elsewhere._check_takeover(lock_contents(), flock_held=False)
+        time.sleep(1.6)  # hung: after 0.6 s without progress no heartbeat is written
+        hung = lock_contents()["heartbeat"]
+        assert hung < time.time() - 1.0
+        time.sleep(0.3)
+        assert lock_contents()["heartbeat"] == hung
+        elsewhere._check_takeover(lock_contents(), flock_held=False)  # stale now: another host may take it
+        note_progress()  # it moves again
+        time.sleep(0.4)
+        assert lock_contents()["heartbeat"] > hung + 1.5
+    messages = [r.getMessage() for r in caplog.records]
+    assert any("no progress for" in m and "SIIM_LOCK_HUNG_SECONDS" in m for m in messages), messages
+    assert any("progress again" in m for m in messages), messages
 
 
 @pytest.mark.parametrize("overrides, key", [

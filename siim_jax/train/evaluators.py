@@ -23,6 +23,7 @@ from siim_jax.data.photometric import normalize
 from siim_jax.data.sources import ArraySource, BadImageError, load_rgb, make_builtin_images, open_source
 from siim_jax.data.views import eval_view
 from siim_jax.train.knn import knn_top1
+from siim_jax.train.workdir_lock import note_progress
 from siim_jax.parallel.sharding import (batch_sharding, batch_shards, global_batch, jit_in_mesh, local_rows,
                                         owned_rows_mask, replicated)
 
@@ -30,8 +31,12 @@ log = logging.getLogger(__name__)
 
 
 def progress(iterable, desc: str, total: int | None = None):
-    return tqdm.tqdm(iterable, desc=desc, total=total, disable=jax.process_index() != 0, mininterval=2.0,
-                     leave=False, dynamic_ncols=True)
+    """The items of `iterable`, with a progress bar on process 0; each one counts as the run's progress (the
+    workdir lock's heartbeat goes on)."""
+    for item in tqdm.tqdm(iterable, desc=desc, total=total, disable=jax.process_index() != 0, mininterval=2.0,
+                          leave=False, dynamic_ncols=True):
+        note_progress()
+        yield item
 
 
 def padded_batch_size(batch: int, mesh, rules) -> int:

@@ -31,7 +31,7 @@ from siim_jax.train.schedules import ema_momentum_fn, learning_rate_fn, training
 from siim_jax.train.state import abstract_train_state, init_train_state
 from siim_jax.train.step import jit_train_step
 from siim_jax.train.stop import StopRequest
-from siim_jax.train.workdir_lock import WorkdirLock
+from siim_jax.train.workdir_lock import WorkdirLock, note_progress
 
 log = logging.getLogger(__name__)
 
@@ -273,6 +273,7 @@ def _train(method, workdir: str, stop_at_step: int | None, initial_weights, stop
             stop_agreed = vote.step(stop.signal is not None)  # the same answer on every process
             skipped_here += len(skipped)
             step = dispatched = step_index + 1
+            note_progress()
             pending.append((step, metrics))
             progress.update(1)
             if timer is None:  # the first step compiles

@@ -15,8 +15,14 @@ of the same job (a requeue, a re-created TPU slice, whose hosts have new names) 
   runs taking over a stale lock together: one wins). The same rules decide a takeover: same job, or same host
   and a dead pid, at once; another host once its heartbeat is older than the stale time.
 
+A hung run does not hold the workdir for ever: the heartbeat is written only while the run makes progress
+(`note_progress`: every train step and evaluation batch; the lock's start). After SIIM_LOCK_HUNG_SECONDS
+(default 1800: longer than any compile or evaluation pass between two marks) without one, the heartbeat stops
+with one warning, so a relaunch on another host takes over once the stale time has passed; it resumes if the
+run moves again.
+
 Settings (environment, so that every command shares them): SIIM_LOCK_STALE_SECONDS (default 300), the heartbeat
-period is a tenth of it, at most 30 s.
+period is a tenth of it, at most 30 s; SIIM_LOCK_HUNG_SECONDS (default 1800).
 """
 
 import json
@@ -51,6 +57,28 @@ def stale_seconds() -> float:
 
 def heartbeat_seconds() -> float:
     return min(30.0, stale_seconds() / 10)
+
+
+HUNG_ENV = "SIIM_LOCK_HUNG_SECONDS"
+
+
+def hung_seconds() -> float:
+    try:
+        value = float(os.environ.get(HUNG_ENV, "1800"))
+    except ValueError:
+        value = -1.0
+    if not value > 0:
+        raise WorkdirBusyError(f"{HUNG_ENV}={os.environ.get(HUNG_ENV)!r} must be a number of seconds > 0")
+    return value
+
+
+_last_progress = time.monotonic()
+
+
+def note_progress() -> None:
+    """The run moved (a train step, an evaluation batch): the lock's heartbeat goes on."""
+    global _last_progress
+    _last_progress = time.monotonic()
 
 
 def current_job() -> str | None:
@@ -127,7 +155,8 @@ class WorkdirLock:
         log.warning("taking over the lock of %s, which ended without releasing it", _describe(previous))
 
     def acquire(self) -> None:
-        stale_seconds()  # a bad setting is one line now, not a failing heartbeat later
+        stale_seconds(), hung_seconds()  # a bad setting is one line now, not a failing heartbeat later
+        note_progress()
         if storage.is_remote(self.path):
             storage.require_bucket(self.workdir)  # else a missing bucket reads as a 404 on the lock object
             with storage.object_store_errors(self.path):
@@ -222,7 +251,19 @@ class WorkdirLock:
 
     # ---------------------------------------------------------------------------------------------- both
     def _heartbeat(self) -> None:
+        hung = False
         while not self.stop.wait(heartbeat_seconds()):
+            idle = time.monotonic() - _last_progress
+            if idle > hung_seconds():
+                if not hung:
+                    log.warning("no progress for %.0f s (%s): %s is no longer refreshed, so a relaunch can take "
+                                "the workdir over once its heartbeat is %.0f s old (%s)", idle, HUNG_ENV, self.path,
+                                stale_seconds(), STALE_ENV)
+                hung = True
+                continue
+            if hung:
+                log.warning("progress again: %s is refreshed again", self.path)
+                hung = False
             try:
                 if self.fd is not None:
                     self._write_file()
