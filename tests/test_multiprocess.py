@@ -225,6 +225,41 @@ def test_a_frozen_process_ends_the_other_with_one_line_before_the_heartbeat_time
     assert "Terminating process" not in err
 
 
+def test_processes_that_list_different_images_stop_with_one_line_each(tmp_path):
+    """`imagefolder:~/data` with another HOME per process: the two listings differ by one file name, and every
+    process ends with the same one-line error naming both listings, exit 1, before anything is built."""
+    from PIL import Image
+    homes = [tmp_path / "home0", tmp_path / "home1"]
+    for h, home in enumerate(homes):
+        for c in range(2):
+            folder = home / "data" / "train" / f"class{c}"
+            folder.mkdir(parents=True)
+            for i in range(8):
+                name = f"img{i}.jpg" if not (h == 1 and c == 1 and i == 7) else "other.jpg"
+                Image.new("RGB", (40, 40), (30 * i, 100 * c, 50)).save(folder / name)
+    port = _free_port()
+    procs = []
+    for i, home in enumerate(homes):
+        env = {**os.environ, "HOME": str(home), "JAX_PLATFORMS": "cpu",
+               "XLA_FLAGS": f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count=1"}
+        procs.append(subprocess.Popen(
+            [sys.executable, "-m", "siim_jax.train", *flags(**{"data.source": "imagefolder:~/data"}), "--workdir",
+             str(tmp_path / "run"), "--coordinator_address", f"localhost:{port}", "--num_processes", "2",
+             "--process_id", str(i)], cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    errors = []
+    for proc in procs:
+        _, err = proc.communicate(timeout=300)
+        assert proc.returncode == 1, err[-3000:]
+        lines = [line for line in err.splitlines() if line.startswith("error:")]
+        assert len(lines) == 1 and "Traceback" not in err, err[-3000:]
+        errors.append(lines[0])
+    for i, line in enumerate(errors):
+        assert line.startswith(f"error: [process {i}/2] the processes list different data for "
+                               "config.data.source='imagefolder:~/data': process 0 16 examples (listing "), line
+        assert "process 1 16 examples" in line and "every process must see the same files" in line
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
 def launcher_children(launcher: subprocess.Popen) -> dict:
     """{process_id: pid} of the training processes launch/local.sh started."""
     found = subprocess.run(["pgrep", "-P", str(launcher.pid)], capture_output=True, text=True).stdout.split()

@@ -250,6 +250,16 @@ def sum_over_processes(value: int) -> int:
     return int(np.sum(multihost_utils.process_allgather(np.asarray(value, np.int64))))
 
 
+def gather_over_processes(values) -> np.ndarray:
+    """int64 (processes, k): every process's `values` (k ints), on every process (a small collective; call it on
+    every process at the same point)."""
+    values = np.asarray(values, np.int64).reshape(-1)
+    if jax.process_count() == 1:
+        return values[None]
+    from jax.experimental import multihost_utils
+    return np.asarray(multihost_utils.process_allgather(values)).reshape(jax.process_count(), -1)
+
+
 def to_host(x: jax.Array) -> np.ndarray:
     """The whole value of a global array as host NumPy, on every process (call it on every process at the same
     point when the array spans several). Replicated arrays are read locally; sharded ones are gathered."""

@@ -16,6 +16,7 @@ import time
 
 import jax
 import ml_collections
+import numpy as np
 import orbax.checkpoint as ocp
 
 from siim_jax import storage
@@ -25,6 +26,9 @@ from siim_jax.parallel.distributed import lost_contact
 from siim_jax.train.state import all_finite
 
 log = logging.getLogger(__name__)
+
+
+MAX_LISTED = 64  # restore considers at most this many newest steps (keep_checkpoints is far below)
 
 
 class CheckpointMismatchError(RunError, ValueError):
@@ -157,9 +161,12 @@ class Checkpointer:
         used, the skipped ones are moved to <workdir>/checkpoints_unusable/. Raises CheckpointMismatchError when
         every step belongs to another model, CheckpointUnusableError when none can be used for other reasons.
         """
-        steps = sorted(self.manager.all_steps(), reverse=True)
+        # one decision for the whole job: process 0's listing, and a step is used only when every process read
+        # it (a transient read error on one host sends every process to the same older step, never only that one)
+        steps = sorted(self._agreed_steps(), reverse=True)
         skipped, mismatches = [], []
         for step in steps:
+            state = why = None
             try:
                 state, counters = self._read(step, abstract_state)
             except CheckpointMismatchError as error:
@@ -171,7 +178,10 @@ class Checkpointer:
                     # the store, not the checkpoint: nothing is skipped or moved aside
                     raise storage.ObjectStoreError(f"{self.path(step)}: {storage.describe_error(error)}") from None
                 why = f"cannot be read ({_first_line(error)})"
-            else:
+            failed = distributed.gather_over_processes([why is not None])[:, 0]
+            if why is None and failed.any():
+                why = f"cannot be read on process(es) {', '.join(map(str, np.flatnonzero(failed)))}"
+            if why is None:
                 if state_is_finite(state):
                     if skipped:
                         self.set_aside(skipped, "unusable")
@@ -188,6 +198,18 @@ class Checkpointer:
         raise CheckpointUnusableError(
             f"no checkpoint in {self.directory} can be used (steps {sorted(skipped)}: see the warnings above); "
             "nothing was changed there: to start afresh use another --workdir, or move those step folders away")
+
+    def _agreed_steps(self) -> list[int]:
+        """The saved steps as process 0 lists them (every process gets the same list)."""
+        steps = list(self.manager.all_steps())
+        if jax.process_count() == 1:
+            return steps
+        from jax.experimental import multihost_utils
+        padded = np.full((MAX_LISTED,), -1, np.int64)
+        newest = sorted(steps, reverse=True)[:MAX_LISTED]
+        padded[:len(newest)] = newest
+        agreed = np.asarray(multihost_utils.broadcast_one_to_all(padded))
+        return [int(s) for s in agreed if s >= 0]
 
     def set_aside(self, steps, why: str) -> None:
         """Moves step folders to <workdir>/checkpoints_unusable/<step>-<time> (process 0 moves, every process

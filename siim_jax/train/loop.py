@@ -21,9 +21,10 @@ import tqdm
 from siim_jax import config as config_lib
 from siim_jax import storage
 from siim_jax.cli import RunError
-from siim_jax.data.sources import open_source
+from siim_jax.data.sources import SourceError, listing_fingerprint, open_source
 from siim_jax.methods import get_method
-from siim_jax.parallel.distributed import PeerLostError, StopVote, lost_contact, process_label, sum_over_processes
+from siim_jax.parallel.distributed import (PeerLostError, StopVote, gather_over_processes, lost_contact,
+                                          process_label, sum_over_processes)
 from siim_jax.parallel.sharding import batch_shards, create_mesh, global_batch, local_rows, owned_rows_mask
 from siim_jax.train.checkpoint import Checkpointer
 from siim_jax.train.evaluators import build_evaluators, with_best_top1
@@ -169,6 +170,17 @@ def _train_in_locked_workdir(method, workdir: str, stop_at_step: int | None, ini
             stop.restore()
 
 
+def check_same_listing(source, name: str) -> None:
+    """Raises SourceError (on every process) unless every process lists the same examples: a difference would
+    silently mix different images into one global batch."""
+    seen = gather_over_processes([len(source), listing_fingerprint(source)])
+    if (seen != seen[0]).any():
+        raise SourceError(
+            f"the processes list different data for config.data.source={name!r}: "
+            + ", ".join(f"process {i} {n} examples (listing {h:016x})" for i, (n, h) in enumerate(seen))
+            + "; every process must see the same files (one shared folder or bucket, the same path)")
+
+
 def _peer_lost(error: Exception, when: str, saved_step: int | None) -> PeerLostError:
     return PeerLostError(f"{process_label()} lost contact with the other processes {when} "
                          f"({' '.join(str(error).split())[:200]}): one of them failed or was killed (its own log, "
@@ -188,6 +200,8 @@ def _train(method, workdir: str, stop_at_step: int | None, initial_weights, stop
             f"config.batch_size={config.batch_size} must be divisible by the {data_shards} data shards times "
             f"config.grad_accum_steps={config.grad_accum_steps}")
     source = open_source(config.data, config.seed)
+    if jax.process_count() > 1:
+        check_same_listing(source, config.data.source)
     if len(source) < config.batch_size:
         raise config_lib.ConfigError(
             f"config.batch_size={config.batch_size} is larger than the {len(source)} images of "

@@ -13,6 +13,7 @@ source (see open_source). Spellings of `config.data.source`, each registered by 
 - `tfds:<name>`: a TFDS dataset prepared under `config.data.tfds_data_dir` (see `siim_jax.data.sources.tfds`).
 """
 
+import hashlib
 from typing import Callable
 
 import numpy as np
@@ -40,6 +41,18 @@ def register_source(kind: str):
         OPENERS[kind] = opener
         return opener
     return register
+
+
+def listing_fingerprint(source) -> int:
+    """What a source lists, as a 63-bit int: its length, each example's description (file path, record id) and,
+    for sources that keep them in memory, the labels. Processes of one run must agree on it (the loop checks)."""
+    digest = hashlib.sha256(str(len(source)).encode())
+    for index in range(len(source)):
+        digest.update(source.describe(index).encode() + b"\0")
+    labels = getattr(source, "labels", None)
+    if labels is not None:
+        digest.update(np.asarray(labels, np.int64).tobytes())
+    return int.from_bytes(digest.digest()[:8], "little") >> 1
 
 
 class ArraySource:
