@@ -61,6 +61,7 @@ def recipe(tmp_path_factory):
     return str(path)
 
 
+@pytest.mark.slow  # the fast tier keeps its lighter sibling tests of this file
 def test_export_from_a_gs_workdir_to_gs_and_import_from_gs_into_a_gs_workdir(gcs, pretrained, recipe, tmp_path):
     """export --workdir gs:// --out gs:// writes the same bytes as an export of the local workdir; import_weights
     --checkpoint gs:// --workdir gs:// saves a step 0 whose encoders are those arrays."""

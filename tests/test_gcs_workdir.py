@@ -53,6 +53,7 @@ def wait_for(condition, timeout: float, proc=None) -> bool:
     return False
 
 
+@pytest.mark.slow  # the fast tier keeps its lighter sibling tests of this file
 def test_a_gs_workdir_is_killed_mid_run_and_resumes_to_the_uninterrupted_state(gcs, local_reference):
     """kill -9 (a preemption) once a checkpoint is on the server; the relaunch resumes from it, metrics.jsonl ends
     with every step once, and the final train state equals an uninterrupted run on a local disk."""
@@ -244,6 +245,7 @@ def test_the_server_stopping_during_a_save_is_one_line_and_the_relaunch_resumes(
     assert_same_state("gs://bucket/run", local_reference, rtol=1e-6, atol=1e-7)
 
 
+@pytest.mark.slow  # the fast tier keeps its lighter sibling tests of this file
 def test_damaged_newest_gs_checkpoints_are_passed_over_and_moved_aside(gcs):
     """An array object of the newest step cut short, one of the step before missing: the relaunch warns about
     each, resumes from the step before them, and both damaged steps are moved to checkpoints_unusable/ on the

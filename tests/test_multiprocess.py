@@ -153,12 +153,13 @@ def wait_for_step(workdir, step: int, procs, timeout=600):
     raise AssertionError(f"step {step} never logged")
 
 
-LONG = {"total_steps": 30, "checkpoint_every_steps": 1000, "warmup_steps": 2}
+LONG_STEPS = 16
+LONG = {"total_steps": LONG_STEPS, "checkpoint_every_steps": 1000, "warmup_steps": 2}
 
 
 class Reference(typing.NamedTuple):
     losses: dict
-    workdir: str  # its final checkpoint (step 30) is the state a resumed run must end in
+    workdir: str  # its final checkpoint (step LONG_STEPS) is the state a resumed run must end in
 
 
 @pytest.fixture(scope="module")
@@ -181,15 +182,15 @@ def test_sigterm_to_one_process_stops_both_after_the_same_step_and_resumes_exact
     last = [out.strip().splitlines()[-1] for out, _ in outputs]
     assert last[0] == last[1] and last[0].startswith("interrupted at step"), last
     stopped = int(last[0].split()[3].split("/")[0])
-    assert 2 <= stopped < 30
+    assert 2 <= stopped < LONG_STEPS
     assert sorted(int(n) for n in os.listdir(workdir / "checkpoints") if n.isdigit()) == [stopped]
     # the resumed run (here in one process) ends as the uninterrupted one
     with caplog.at_level(logging.INFO, logger=RESUME_LOGGER):
         summary = train_and_evaluate(recipe(**LONG), str(workdir))
     assert resumed_from(caplog.text) == stopped
-    assert summary["step"] == 30 and not summary["interrupted"]
-    assert sorted(losses(workdir)) == list(range(1, 31))
-    assert_same_losses(losses(workdir), long_reference.losses, range(1, 31))
+    assert summary["step"] == LONG_STEPS and not summary["interrupted"]
+    assert sorted(losses(workdir)) == list(range(1, LONG_STEPS + 1))
+    assert_same_losses(losses(workdir), long_reference.losses, range(1, LONG_STEPS + 1))
     assert_same_state(workdir, long_reference.workdir, rtol=RTOL, atol=ATOL, other_mesh=True)
 
 
@@ -320,8 +321,8 @@ def test_kill_9_of_one_process_while_saving_ends_the_launch_and_a_relaunch_resum
         assert resumed == max(cut_short) - 1, (cut_short, resumed)
     print(f"kill -9 landed {'during the save of step %d' % max(cut_short) if cut_short else 'between saves'}; "
           f"resumed from {resumed}")
-    assert sorted(losses(workdir)) == list(range(1, 31))
-    assert_same_losses(losses(workdir), long_reference.losses, range(1, 31))
+    assert sorted(losses(workdir)) == list(range(1, LONG_STEPS + 1))
+    assert_same_losses(losses(workdir), long_reference.losses, range(1, LONG_STEPS + 1))
     assert_same_state(workdir, long_reference.workdir, rtol=RTOL, atol=ATOL, other_mesh=True)
 
 

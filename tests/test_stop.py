@@ -8,6 +8,8 @@ import subprocess
 import sys
 import time
 
+import pytest
+
 from conftest import recipe_config
 from siim_jax.train.loop import train_and_evaluate
 
@@ -51,6 +53,7 @@ def test_sigterm_before_the_first_step_exits_75_and_keeps_the_newest_checkpoint(
     assert [json.loads(line)["step"] for line in open(os.path.join(workdir, "metrics.jsonl"))] == [1, 2, 3, 4]
 
 
+@pytest.mark.slow  # the fast tier keeps its lighter sibling tests of this file
 def test_a_second_ctrl_c_leaves_at_once_with_one_line_on_every_process(tmp_path):
     """Two Ctrl-C's to launch/local.sh (2 processes, each gets both): every process exits 130 within seconds
     with one error line, mid-training, instead of finishing the step, saving and leaving through a collective.
