@@ -30,7 +30,7 @@ pytestmark = pytest.mark.multiprocess
 TINY = {"batch_size": 16, "data.num_train": 128, "data.raw_size": 40, "data.num_masked": 10, "model.image_size": 32,
         "model.decoder_width": 32, "model.predictor_depth": 1, "model.projector_depth": 1, "warmup_steps": 1,
         "log_every_steps": 1, "eval_every_steps": 0, "total_steps": 6, "checkpoint_every_steps": 3,
-        "keep_checkpoints": 5, "data.threads": 1}
+        "keep_checkpoints": 5, "data.threads": 1, "stop_vote_every_steps": 2}
 MESHES = {"data": {"mesh.data": -1},
           "fsdp": {"mesh.data": 1, "mesh.fsdp": -1},
           "fsdp_x_tensor": {"mesh.data": 1, "mesh.fsdp": 2, "mesh.tensor": 4}}
@@ -183,6 +183,7 @@ def test_sigterm_to_one_process_stops_both_after_the_same_step_and_resumes_exact
     assert last[0] == last[1] and last[0].startswith("interrupted at step"), last
     stopped = int(last[0].split()[3].split("/")[0])
     assert 2 <= stopped < LONG_STEPS
+    assert stopped % TINY["stop_vote_every_steps"] == 0  # the agreed answer arrives at a vote's step only
     assert sorted(int(n) for n in os.listdir(workdir / "checkpoints") if n.isdigit()) == [stopped]
     # the resumed run (here in one process) ends as the uninterrupted one
     with caplog.at_level(logging.INFO, logger=RESUME_LOGGER):

@@ -274,22 +274,26 @@ def to_host(x: jax.Array) -> np.ndarray:
 class StopVote:
     """One stop decision for all processes, without stalling the device queue.
 
-    Each step every process puts its own flag (a stop signal received) into a one-entry-per-device array, and a
-    tiny jitted max over the whole mesh runs behind the train step. The answer for step t is read at step
-    t + LAG, when the device has long finished it, so every process gets the same answer at the same step and
-    they all stop (and save) after that step.
+    Every `every`-th step each process puts its own flag (a stop signal received) into a one-entry-per-device
+    array, and a tiny jitted max over the whole mesh runs behind the train step. The answer of a vote is read
+    LAG votes later, when the device has long finished it, so every process gets the same answer at the same
+    step and they all stop (and save) after that step.
     """
 
     LAG = 2
 
-    def __init__(self, mesh):
-        self.mesh = mesh
+    def __init__(self, mesh, every: int = 1):
+        self.mesh, self.every, self.calls = mesh, every, 0
         self.sharding = NamedSharding(mesh, PartitionSpec(mesh.axis_names))
         self.any = jax.jit(jnp.max, out_shardings=NamedSharding(mesh, PartitionSpec()))
         self.pending = collections.deque()
 
     def step(self, stop_here: bool) -> bool:
-        """Adds this process's flag for the current step; returns the agreed answer of LAG steps ago."""
+        """Adds this process's flag for the current step (every `every`-th step: a vote; else nothing) and
+        returns the agreed answer of LAG votes ago (False between votes)."""
+        self.calls += 1
+        if self.calls % self.every:
+            return False
         local = np.full((len(self.mesh.local_devices),), int(stop_here), np.int32)
         flags = jax.make_array_from_process_local_data(self.sharding, local, (self.mesh.size,))
         self.pending.append(self.any(flags))

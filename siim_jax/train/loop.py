@@ -243,7 +243,7 @@ def _train(method, workdir: str, stop_at_step: int | None, initial_weights, stop
     if start == 0:
         evaluate(0)
 
-    vote = StopVote(mesh)
+    vote = StopVote(mesh, config.stop_vote_every_steps if jax.process_count() > 1 else 1)
     # a stop requested during start-up, restore or the step-0 evaluation: every process stops here, before the
     # first step; the newest checkpoint stays the run's last word (nothing trained since)
     stopped_before_training = vote.now(stop.signal is not None)
