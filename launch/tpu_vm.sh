@@ -47,7 +47,8 @@ options:
 
 exit status: 0 finished (checkpoints in WORKDIR/checkpoints), 1 failed, 2 bad command line,
 75 still resumable after --max-restarts (rerun the same command), other: the training's exit status
-(the first failing worker's).
+(the first failing worker's; a worker that crashed, status > 128, is restarted like a stop, up to --max-restarts
+times).
 Every start of one launcher run gets SIIM_LAUNCH_ID=NAME-<launcher start time> (or $SIIM_LAUNCH_ID if
 set): a resumed run takes over the workdir lock of the run it replaces at once.
 
@@ -361,9 +362,10 @@ stream() {  # returns when worker 0's training ends or the connection drops; $1:
         --ssh-flag=-oServerAliveCountMax=6 --command="${1:-$stream_cmd}" || true
 }
 
-combine_status() {  # the slice's status from every worker's: the first failure (not 0 or 75), else none while a
-    # worker still runs, else lost when a worker lost its run, else 75 when one stopped resumably, else 0
-    local s failed="" running="" lost="" stopped=""
+combine_status() {  # the slice's status from every worker's: the first crash (killed by a signal: > 128; the
+    # others then fail for lack of it, and a restart resumes), else the first failure (not 0 or 75), else none
+    # while a worker still runs, else lost when a worker lost its run, else 75 when one stopped resumably, else 0
+    local s crashed="" failed="" running="" lost="" stopped=""
     [[ $# -gt 0 ]] || return 0
     for s in "$@"; do
         case "$s" in
@@ -371,10 +373,11 @@ combine_status() {  # the slice's status from every worker's: the first failure 
             75) stopped=75 ;;
             none) running=none ;;
             lost) lost=lost ;;
+            1[3-9][0-9] | 2[0-9][0-9]) [[ -n $crashed ]] || crashed="$s" ;;
             *) [[ -n $failed ]] || failed="$s" ;;
         esac
     done
-    printf '%s\n' "${failed:-${running:-${lost:-${stopped:-0}}}}"
+    printf '%s\n' "${crashed:-${failed:-${running:-${lost:-${stopped:-0}}}}}"
 }
 
 exit_status() {  # every worker's exit status, combined; "" when a worker cannot be reached
@@ -415,7 +418,7 @@ while :; do
     tail_cmd="$stream_cmd"
     status="$(exit_status)"
     state=READY
-    if [[ $dry_run == 0 && ! $status =~ ^[0-9]+$ || $status == 75 ]]; then
+    if [[ $dry_run == 0 && ! $status =~ ^[0-9]+$ || $status =~ ^(75|1[3-9][0-9]|2[0-9][0-9])$ ]]; then
         state="$(node_state "")"
     fi
     if [[ $status == none && $state == READY ]]; then  # still running: the log stream dropped; reattach
@@ -462,6 +465,23 @@ while :; do
                 start
             else
                 log "slice $name is ${state:-gone} (preempted): re-creating it and resuming ($restarts/$max_restarts)"
+                delete_slice
+                create_slice
+                install
+                start
+            fi ;;
+        1[3-9][0-9] | 2[0-9][0-9])  # a worker crashed (killed by a signal, aborted): resumable from the workdir
+            if [[ $restarts -ge $max_restarts ]]; then
+                log "a worker crashed (exit status $status) after $restarts restarts (--max-restarts); rerun the same command to resume"
+                exit "$status"
+            fi
+            restarts=$((restarts + 1))
+            if [[ $state == READY ]]; then
+                log "a worker crashed (exit status $status, killed by signal $((status - 128))) on a READY slice:" \
+                    "restarting the training ($restarts/$max_restarts)"
+                start
+            else
+                log "a worker crashed (exit status $status) and slice $name is ${state:-gone}: re-creating it and resuming ($restarts/$max_restarts)"
                 delete_slice
                 create_slice
                 install

@@ -202,6 +202,29 @@ def test_launcher_recreates_a_preempted_slice_and_resumes(tmp_path, state, mode)
     assert "step 1:" not in log0 and "step 8:" in log0
 
 
+def test_launcher_restarts_the_training_when_a_worker_crashes_on_a_ready_slice(tmp_path, state):
+    """Worker 1 kills itself (SIGKILL, as an OOM kill or a segfault would end it) at step 3 of its first run while
+    worker 0 finishes: the slice stays READY, so the launcher restarts the training on it (no re-creation) and
+    worker 1 resumes where it was."""
+    workdir = tmp_path / "workdir"
+    workdir.mkdir()
+    crashing = STEPPER.replace('    if [ "$start" = 0 ] && [ "$step" = 5 ]; then sleep 300; fi\n',
+                               '    if [ "$start" = 0 ] && [ "$step" = 3 ] && [ "$JAX_PROCESS_ID" = 1 ]; then '
+                               'kill -9 $$; fi\n')
+    assert crashing != STEPPER
+    env = cloud_env(state, WORKDIR_DIR=workdir)
+    status, out = launch(env, "--workdir", "gs://bucket/x", "--install-cmd", stand_in_install(crashing), "--",
+                         timeout=90)
+    assert status == 0, out
+    assert "a worker crashed (exit status 137, killed by signal 9) on a READY slice: restarting the training (1/10)" \
+        in out, out
+    calls = (state / "calls.log").read_text().splitlines()
+    assert [line.split()[3] for line in calls if line.startswith("compute tpus tpu-vm ")].count("create") == 1
+    starts = sorted(tuple(map(int, line.split())) for line in (workdir / "starts").read_text().splitlines())
+    assert starts == [(0, 0), (0, 8), (1, 0), (1, 3)], starts
+    assert all((workdir / f"step.{i}").read_text().strip() == "8" for i in range(2))
+
+
 # ------------------------------------------------------------------------------------------ the real training
 
 # checkpoints at 4, 8, 12; preempted once the progress bar shows step 7 (the async save of 4 has had three steps
