@@ -232,7 +232,27 @@ cd $home_repo; git remote set-url origin $(shq "$repo"); git fetch --quiet origi
 git checkout --quiet --force --detach FETCH_HEAD; \
 [ -x $venv/bin/python ] || uv venv --quiet --python $(shq "$python_version") $venv; \
 uv pip install --quiet --python $venv/bin/python \"jax[tpu]\" -e $home_repo; \
-echo \"\$(hostname): siim_jax \$(git -C $home_repo rev-parse --short HEAD) installed\""
+echo \"\$(hostname): siim_jax \$(git -C $home_repo rev-parse --short HEAD) installed\"; \
+echo \"siim_pin_commit=\$(git -C $home_repo rev-parse HEAD)\"; \
+echo \"siim_pin_packages=\$(uv pip freeze --quiet --exclude-editable --python $venv/bin/python | base64 | tr -d '\\n')\""
+
+# after a re-creation: exactly the commit and packages of the first install (a moved --ref or a new release of a
+# dependency must not change a run half-way); set once the first install reported them (pinned_install_cmd)
+pinned_commit="" pinned_packages=""
+pinned_install_cmd() {
+    printf '%s' "if $running; then echo \"\$(hostname): training running, install skipped\"; exit 0; fi; \
+set -e; export PATH=\"\$HOME/.local/bin:\$PATH\"; \
+command -v uv > /dev/null || python3 -m pip install --user --quiet uv || curl -LsSf https://astral.sh/uv/install.sh | sh; \
+[ -d $home_repo/.git ] || git clone --quiet $(shq "$repo") $home_repo; \
+cd $home_repo; git fetch --quiet origin $(shq "$ref") || true; \
+git cat-file -e $pinned_commit^{commit} 2> /dev/null || git fetch --quiet origin $pinned_commit; \
+git checkout --quiet --force --detach $pinned_commit; \
+[ -x $venv/bin/python ] || uv venv --quiet --python $(shq "$python_version") $venv; \
+echo $pinned_packages | base64 -d > ~/siim_pinned_requirements.txt; \
+uv pip install --quiet --python $venv/bin/python -r ~/siim_pinned_requirements.txt; \
+uv pip install --quiet --no-deps --python $venv/bin/python -e $home_repo; \
+echo \"\$(hostname): siim_jax ${pinned_commit:0:7} installed, pinned to the first install (commit and packages)\""
+}
 if [[ -n $install_custom ]]; then  # --install-cmd: the user's own step, same guard
     install_cmd="if $running; then echo \"\$(hostname): training running, install skipped\"; exit 0; fi; \
 set -e; $install_custom; echo \"\$(hostname): --install-cmd done\""
@@ -349,8 +369,21 @@ on_workers() {  # $1: --worker=all or --worker=0, $2: the command
     run "${tpu[@]}" ssh "$name" "${common[@]}" "$1" --command="$2"
 }
 
-install() {
-    on_workers --worker=all "$install_cmd" || die "installing siim_jax on the workers of $name failed"
+install() {  # the first time: $install_cmd, reporting what it installed; after that: pinned to it
+    if [[ -n $pinned_commit ]]; then
+        on_workers --worker=all "$(pinned_install_cmd)" || die "installing siim_jax on the workers of $name failed"
+        return
+    fi
+    local out status=0
+    out="$(mktemp)"
+    on_workers --worker=all "$install_cmd" > "$out" || status=$?
+    grep -v '^siim_pin_' "$out" || true
+    [[ $status -eq 0 ]] || { rm -f "$out"; die "installing siim_jax on the workers of $name failed"; }
+    pinned_commit="$(sed -n 's/^siim_pin_commit=\([0-9a-f]*\)[[:space:]]*$/\1/p' "$out" | head -n 1)"
+    pinned_packages="$(sed -n 's/^siim_pin_packages=\([A-Za-z0-9+/=]*\)[[:space:]]*$/\1/p' "$out" | head -n 1)"
+    rm -f "$out"
+    [[ -z $pinned_commit ]] || log "installed siim_jax ${pinned_commit:0:12}; a re-created slice gets this commit and" \
+        "these package versions again"
 }
 
 start() {

@@ -22,6 +22,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 TPU = ROOT / "launch" / "tpu_vm.sh"
 FAKE_GCLOUD = Path(__file__).resolve().parent / "fake_gcloud"
+FAKE_UV = Path(__file__).resolve().parent / "fake_uv"
 NAME = "sim"
 
 
@@ -223,6 +224,45 @@ def test_launcher_restarts_the_training_when_a_worker_crashes_on_a_ready_slice(t
     starts = sorted(tuple(map(int, line.split())) for line in (workdir / "starts").read_text().splitlines())
     assert starts == [(0, 0), (0, 8), (1, 0), (1, 3)], starts
     assert all((workdir / f"step.{i}").read_text().strip() == "8" for i in range(2))
+
+
+def test_a_re_created_slice_gets_the_commit_and_packages_of_the_first_install(tmp_path, state):
+    """The default install (git clone of --repo at --ref, uv) on a slice preempted once: the branch moved to a new
+    commit after the first install, yet the re-created workers get the first install's commit and its frozen
+    package list (tests/fake_uv/uv stands in for uv: no network here)."""
+    git = {"GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t"}
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "version.txt").write_text("A\n")
+    for command in (["init", "-q", "-b", "main"], ["add", "version.txt"], ["commit", "-qm", "A"]):
+        subprocess.run(["git", *command], cwd=src, check=True, env={**os.environ, **git})
+    first = subprocess.run(["git", "rev-parse", "HEAD"], cwd=src, capture_output=True, text=True).stdout.strip()
+    stepper = tmp_path / "stepper"
+    stepper.write_text(STEPPER)
+    workdir = tmp_path / "workdir"
+    workdir.mkdir()
+    freeze = "jax==0.10.2\nlibtpu==0.0.31\n"
+    env = cloud_env(state, FAKE_GCLOUD_PREEMPT_AT_STEP=3, WORKDIR_DIR=workdir, FAKE_UV_LOG=tmp_path / "uv.log",
+                    FAKE_UV_PYTHON=stepper, FAKE_UV_FREEZE=freeze, **git,
+                    FAKE_UV_ON_FREEZE=f"cd {shlex.quote(str(src))} && echo B > version.txt && git commit -qam B")
+    env["PATH"] = f"{FAKE_UV}{os.pathsep}{env['PATH']}"
+    status, out = launch(env, "--workdir", "gs://bucket/x", "--repo", str(src), "--ref", "main", "--", timeout=120)
+    assert status == 0, out
+    moved = subprocess.run(["git", "rev-parse", "main"], cwd=src, capture_output=True, text=True).stdout.strip()
+    assert moved != first  # the branch moved during the run
+    assert f"installed siim_jax {first[:12]}; a re-created slice gets this commit" in out, out
+    assert re.search(rf"siim_jax {first[:7]} installed, pinned to the first install", out), out
+    for i in range(2):  # the re-created workers (fresh disks): the first commit, the frozen packages
+        home = state / NAME / f"worker{i}" / "home"
+        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=home / "siim_jax", capture_output=True,
+                              text=True).stdout.strip()
+        assert head == first, (i, head, first)
+        assert (home / "siim_pinned_requirements.txt").read_text() == "jax==0.10.2\nlibtpu==0.0.31\n"
+    calls = (tmp_path / "uv.log").read_text().splitlines()
+    assert sum("pip install" in c and "jax[tpu]" in c for c in calls) == 2  # the first install, one per worker
+    assert sum("pip install" in c and "-r" in c.split() and c.endswith("/siim_pinned_requirements.txt")
+               for c in calls) == 2  # after the re-creation, one per worker
+    assert sum("--no-deps" in c for c in calls) == 2
 
 
 # ------------------------------------------------------------------------------------------ the real training
