@@ -42,34 +42,30 @@ except ImportError:  # not POSIX
 
 log = logging.getLogger(__name__)
 
-STALE_ENV = "SIIM_LOCK_STALE_SECONDS"
+STALE_ENV, HUNG_ENV = "SIIM_LOCK_STALE_SECONDS", "SIIM_LOCK_HUNG_SECONDS"
 
 
-def stale_seconds() -> float:
+def _seconds(name: str, default: float) -> float:
+    """A duration setting from the environment; WorkdirBusyError naming it when it is not a number > 0."""
     try:
-        value = float(os.environ.get(STALE_ENV, "300"))
+        value = float(os.environ.get(name, str(default)))
     except ValueError:
         value = -1.0
     if not value > 0:
-        raise WorkdirBusyError(f"{STALE_ENV}={os.environ.get(STALE_ENV)!r} must be a number of seconds > 0")
+        raise WorkdirBusyError(f"{name}={os.environ.get(name)!r} must be a number of seconds > 0")
     return value
+
+
+def stale_seconds() -> float:
+    return _seconds(STALE_ENV, 300)
 
 
 def heartbeat_seconds() -> float:
     return min(30.0, stale_seconds() / 10)
 
 
-HUNG_ENV = "SIIM_LOCK_HUNG_SECONDS"
-
-
 def hung_seconds() -> float:
-    try:
-        value = float(os.environ.get(HUNG_ENV, "1800"))
-    except ValueError:
-        value = -1.0
-    if not value > 0:
-        raise WorkdirBusyError(f"{HUNG_ENV}={os.environ.get(HUNG_ENV)!r} must be a number of seconds > 0")
-    return value
+    return _seconds(HUNG_ENV, 1800)
 
 
 _last_progress = time.monotonic()
