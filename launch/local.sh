@@ -6,6 +6,10 @@
 #   bash launch/local.sh 2 --devices-per-process 4 --config configs/demo.py --workdir /tmp/siim_mp \
 #       --config.mesh.fsdp=2
 #
+# --module runs another entry point the same way (the evaluation commands take the trainer's flags):
+#   bash launch/local.sh 2 --devices-per-process 4 --module siim_jax.linear_probe --config configs/linprobe_demo.py \
+#       --pretrained /tmp/siim_mp --workdir /tmp/siim_mp_linprobe
+#
 # SIGTERM / SIGINT to this script go to every process (they stop after the same step and save it). When one
 # process fails, the others are stopped. Exit status: 0 all finished, 75 stopped and resumable (rerun the same
 # command), otherwise the status of the first process that failed.
@@ -13,10 +17,11 @@ set -euo pipefail
 
 usage() {
   cat <<'EOF'
-usage: bash launch/local.sh N [--devices-per-process K] [--port P] [train flags...]
+usage: bash launch/local.sh N [--devices-per-process K] [--port P] [--module M] [train flags...]
 
-Starts N processes of `python -m siim_jax.train [train flags...]` on this machine, joined over
-localhost:P (default: a free port), each with K fake CPU devices (default 1).
+Starts N processes of `python -m M [train flags...]` on this machine (M: siim_jax.train by default, or
+siim_jax.linear_probe / siim_jax.finetune / siim_jax.fewshot), joined over localhost:P (default: a free
+port), each with K fake CPU devices (default 1).
 Exit status: 0 finished, 75 stopped on request (resumable), else the first failing process's status.
 EOF
 }
@@ -34,6 +39,7 @@ processes="$1"
 shift
 devices=1
 port=""
+module=siim_jax.train
 train_flags=()
 while [[ $# -gt 0 ]]; do
   case "$1" in
@@ -41,6 +47,8 @@ while [[ $# -gt 0 ]]; do
     --devices-per-process=*) devices="${1#*=}"; shift ;;
     --port) port="${2:-}"; shift 2 || { echo "launch/local.sh: error: --port needs a value" >&2; exit 2; } ;;
     --port=*) port="${1#*=}"; shift ;;
+    --module) module="${2:-}"; shift 2 || { echo "launch/local.sh: error: --module needs a value" >&2; exit 2; } ;;
+    --module=*) module="${1#*=}"; shift ;;
     *) train_flags+=("$1"); shift ;;
   esac
 done
@@ -62,7 +70,7 @@ trap 'forward INT' INT
 
 for ((i = 0; i < processes; i++)); do
   XLA_FLAGS="${XLA_FLAGS:-} --xla_force_host_platform_device_count=${devices}" JAX_PLATFORMS=cpu \
-    "$python" -m siim_jax.train "${train_flags[@]}" --coordinator_address "localhost:${port}" \
+    "$python" -m "$module" "${train_flags[@]}" --coordinator_address "localhost:${port}" \
     --num_processes "$processes" --process_id "$i" &
   pids+=("$!")
 done
