@@ -81,10 +81,17 @@ def run_fewshot_command() -> None:
 
 def export_finetuned(workdir: str) -> str:
     """The newest checkpoint of a fine-tune workdir as a timm ViT in <workdir>/finetuned.safetensors; returns
-    its path."""
+    its path. Several processes: every one reads the checkpoint, process 0 alone writes the file, and none
+    returns (prints its summary line) before the file is written."""
+    import jax
+
     from siim_jax.interop import classifier_state_dict, load_workdir_state, write_state_dict
 
     method, state = load_workdir_state(workdir)
     path = storage.join(workdir, "finetuned.safetensors")
-    write_state_dict(classifier_state_dict(method, state), path, "safetensors")
+    if jax.process_index() == 0:
+        write_state_dict(classifier_state_dict(method, state), path, "safetensors")
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+        multihost_utils.sync_global_devices("finetuned.safetensors written")
     return path
