@@ -217,3 +217,51 @@ def test_fewshot_on_two_processes_gives_the_one_process_figures(pretrained, tmp_
     assert two[0].stdout.strip().splitlines()[-1].split("top1: ")[1] == \
         one.stdout.strip().splitlines()[-1].split("top1: ")[1].replace(str(tmp_path / "one"), str(tmp_path / "two"))
     assert "Traceback" not in two[0].stderr + two[1].stderr
+
+
+@pytest.mark.slow  # the fast tier's multi-process evaluation is few-shot's; these two run through the trainer
+@pytest.mark.multiprocess
+def test_linear_probe_and_finetune_on_two_processes_give_the_one_process_figures(pretrained, tmp_path):
+    """launch/local.sh 2 x 2 devices (the batch axis across both processes) against 1 process x 4, for both
+    trainer-driven commands: the same summary line (top-1, top-5, best top-1), validation figures at every
+    evaluation, per-step losses and gradient norms (float rounding), and for fine-tuning the same timm export.
+    22 validation images in batches of 16: the second batch is 6 images, all on process 0's first device and a
+    half, so process 0 feeds padding after them and process 1 feeds padding only. Caught: every process wrote
+    finetuned.safetensors (process 0 alone does now, and the others wait for it before their summary line)."""
+    workdir, _ = pretrained
+    run = {**TINY_MODEL, "data.num_val": 22, "batch_size": 16, "total_steps": 3, "warmup_steps": 1,
+           "log_every_steps": 1, "checkpoint_every_steps": 3, "eval_every_steps": 3}
+    one_device_env = {**os.environ, "JAX_PLATFORMS": "cpu",
+                      "XLA_FLAGS": f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count=4"}
+    for module, recipe in [("linear_probe", "linprobe_demo"), ("finetune", "finetune_demo")]:
+        common = ["--config", f"configs/{recipe}.py", "--pretrained", workdir, *flags(run)]
+        one_dir, two_dir = tmp_path / f"{module}_one", tmp_path / f"{module}_two"
+        one = subprocess.run([sys.executable, "-m", f"siim_jax.{module}", *common, "--workdir", str(one_dir)],
+                             cwd=REPO, env=one_device_env, capture_output=True, text=True, timeout=600)
+        assert one.returncode == 0, one.stderr[-3000:]
+        two = subprocess.run(["bash", os.path.join(REPO, "launch", "local.sh"), "2", "--devices-per-process", "2",
+                              "--module", f"siim_jax.{module}", *common, "--workdir", str(two_dir)],
+                             cwd=REPO, capture_output=True, text=True, timeout=600)
+        assert two.returncode == 0, two.stderr[-3000:]
+        assert "process 1/2, local devices 2, global devices 4" in two.stderr and "Traceback" not in two.stderr
+
+        # the summary line: each of the two processes prints the one process's, top-1 included
+        expected = one.stdout.strip().splitlines()[-1].replace(str(one_dir), str(two_dir))
+        assert expected.startswith("done: step 3/3") and "top1: " in expected
+        assert [line for line in two.stdout.splitlines() if line.startswith("done:")] == [expected, expected]
+
+        # metrics.jsonl: the same records; validation figures equal, losses and gradient norms to float rounding
+        want, got = records(one_dir), records(two_dir)
+        assert [(r["step"], "loss" in r) for r in got] == [(r["step"], "loss" in r) for r in want]
+        assert [r["step"] for r in got if "val_top1" in r] == [0, 3]
+        for w, g in zip(want, got):
+            if "val_top1" in w:
+                assert {k: g[k] for k in w} == w
+            else:
+                np.testing.assert_allclose([g["loss"], g["grad_norm"]], [w["loss"], w["grad_norm"]], rtol=1e-5)
+        if module == "finetune":
+            exported = read_state_dict(str(two_dir / "finetuned.safetensors"))
+            reference = read_state_dict(str(one_dir / "finetuned.safetensors"))
+            assert sorted(exported) == sorted(reference)
+            for name, value in reference.items():
+                np.testing.assert_allclose(exported[name], value, rtol=1e-5, atol=1e-6, err_msg=name)
