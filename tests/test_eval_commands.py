@@ -200,6 +200,7 @@ def run_processes(module, args, count=2, devices=4):
     return [subprocess.CompletedProcess(p.args, p.returncode, out, err) for p, (out, err) in zip(procs, outputs)]
 
 
+@pytest.mark.slow
 @pytest.mark.multiprocess
 def test_fewshot_on_two_processes_gives_the_one_process_figures(pretrained, tmp_path):
     """2 processes x 4 devices against 1 x 8: the same top-1, solver iterations and gradient norm. Caught:
