@@ -86,6 +86,12 @@ def tiny():
     return tiny_config
 
 
+def pytest_collection_modifyitems(config, items):
+    """Slow tests first (stable order otherwise): with two xdist workers a two-minute test that starts last
+    leaves one worker idle at the end of the run; started first, the short tests fill in around it."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
+
+
 def pytest_unconfigure(config):
     if _OWN_CACHE and not hasattr(config, "workerinput"):
         shutil.rmtree(os.environ["JAX_COMPILATION_CACHE_DIR"], ignore_errors=True)
