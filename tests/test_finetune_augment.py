@@ -100,6 +100,140 @@ def test_single_method_when_the_other_alpha_is_zero():
         assert np.all(only_original_pixels == (cutmix_alpha > 0))
 
 
+# ---------------------------------------------------------------- device: mixup / cutmix per device shard
+
+SHARD_N, SHARD_CLASSES = 16, 20
+SHARD_LABELS = np.array([7, 2, 19, 0, 11, 5, 3, 14, 8, 1, 16, 12, 4, 18, 9, 6])  # distinct: a target names its rows
+# (mesh shape, mesh axes, batch axes): 4 shards with a tensor axis replicating them, and 8 shards of 2 rows
+SHARD_MESHES = [((2, 2, 2), ("data", "fsdp", "tensor"), ("data", "fsdp")), ((8,), ("data",), ("data",))]
+
+
+def _shard_images():
+    """Image i holds 10 (i + 1) + a per-pixel pattern in [0, 1): every value names its image and position."""
+    pattern = np.arange(H * W * C, dtype=np.float32).reshape(H, W, C) / (H * W * C)
+    return np.stack([10.0 * (i + 1) + pattern for i in range(SHARD_N)]).astype(np.float32)
+
+
+def _sharded_mixing(mesh_shape, mesh_axes, batch_axes, images, labels=SHARD_LABELS):
+    """keys (K,) -> (mixed (K, N, H, W, C), targets (K, N, classes)) of mixup_cutmix per shard over a mesh of the
+    8 CPU devices, the batch split over `batch_axes`, as the train step runs it (inside jit and jax.set_mesh)."""
+    mesh = jax.sharding.Mesh(np.array(jax.devices()).reshape(mesh_shape), mesh_axes)
+    rows = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(batch_axes))
+    images, labels = jax.device_put(images, rows), jax.device_put(labels, rows)
+
+    def run(keys):
+        with jax.set_mesh(mesh):
+            step = jax.jit(lambda key, x, y: F.mixup_cutmix(key, x, y, SHARD_CLASSES, label_smoothing=SMOOTHING,
+                                                            batch_axes=batch_axes))
+            outputs = [step(key, images, labels) for key in keys]
+        return np.stack([np.asarray(m) for m, _ in outputs]), np.stack([np.asarray(t) for _, t in outputs])
+
+    return run
+
+
+def _shard_smooth(labels):
+    return np.eye(SHARD_CLASSES)[labels] * (1 - SMOOTHING) + SMOOTHING / SHARD_CLASSES
+
+
+@pytest.mark.parametrize("mesh_shape, mesh_axes, batch_axes", SHARD_MESHES)
+def test_each_shard_mixes_its_own_rows_with_its_own_draw(mesh_shape, mesh_axes, batch_axes):
+    """NumPy rendering of timm's per-GPU Mixup(mode='batch'): shard s (rows [s n, (s + 1) n), s the linear index
+    over the batch axes, major first) mixed with its own reversed rows and the draw of fold_in(key, s)."""
+    images = _shard_images()
+    shards = int(np.prod(mesh_shape[:len(batch_axes)]))
+    n = SHARD_N // shards
+    keys = jax.random.split(jax.random.key(3), 24)
+    mixed, targets = _sharded_mixing(mesh_shape, mesh_axes, batch_axes, images)(keys)
+    np.testing.assert_allclose(targets.sum(-1), 1.0, atol=1e-6)  # every row of the global batch, with smoothing
+    kinds, lams = set(), []
+    for k, key in enumerate(keys):
+        for s in range(shards):
+            use_cutmix, lam, box = (np.asarray(a) for a in F.mixing_draw(jax.random.fold_in(key, s), H, W))
+            x, y = images[s * n:(s + 1) * n], SHARD_LABELS[s * n:(s + 1) * n]
+            if use_cutmix:
+                expected = np.where(box[None, :, :, None], x[::-1], x)
+                assert lam == pytest.approx(1 - box.mean(), abs=1e-6)
+            else:
+                expected = lam * x + (1 - lam) * x[::-1]
+            np.testing.assert_allclose(mixed[k, s * n:(s + 1) * n], expected, rtol=1e-6, atol=1e-5)
+            np.testing.assert_allclose(targets[k, s * n:(s + 1) * n],
+                                       lam * _shard_smooth(y) + (1 - lam) * _shard_smooth(y[::-1]), atol=2e-6)
+            kinds.add(bool(use_cutmix))
+            lams.append(float(lam))
+    assert kinds == {True, False}  # both kinds were checked
+    lams = np.array(lams).reshape(len(keys), shards)
+    assert np.all(np.ptp(lams, axis=1) > 0)  # one draw per shard: the shards of a step differ
+
+
+@pytest.mark.parametrize("mesh_shape, mesh_axes, batch_axes", SHARD_MESHES[:1])
+def test_no_output_row_takes_anything_from_another_shard(mesh_shape, mesh_axes, batch_axes):
+    """A NaN planted in one input row reaches only output rows of that row's shard (under mixup exactly the row
+    and its mirror in the shard), whatever the draw."""
+    shards = int(np.prod(mesh_shape[:len(batch_axes)]))
+    n = SHARD_N // shards
+    keys = jax.random.split(jax.random.key(4), 12)
+    for poisoned in (0, 5, 10, 15):
+        images = _shard_images()
+        images[poisoned, 2, 3, 1] = np.nan
+        mixed, _ = _sharded_mixing(mesh_shape, mesh_axes, batch_axes, images)(keys)
+        reached = np.isnan(mixed).any(axis=(2, 3, 4))  # (K, N)
+        shard = poisoned // n
+        mirror = shard * n + (n - 1 - (poisoned % n))
+        outside = np.ones(SHARD_N, bool)
+        outside[shard * n:(shard + 1) * n] = False
+        assert not reached[:, outside].any(), np.argwhere(reached[:, outside])
+        assert np.all(reached[:, poisoned] | reached[:, mirror])  # the poisoned pixel lands in its row or mirror
+        mixup = reached.sum(1) == 2
+        assert mixup.any() and np.all(reached[mixup][:, [poisoned, mirror]])
+
+
+def test_per_shard_draw_statistics_are_the_single_batch_ones():
+    """Read off 400 steps x 4 shards: cutmix in half of the draws, mixup lam ~ Beta(0.8, 0.8), cutmix lam as timm
+    (the box-corrected Beta(1, 1)), and the shards of one step independent of each other."""
+    mesh_shape, mesh_axes, batch_axes = SHARD_MESHES[0]
+    images, n, shards = _shard_images(), 4, 4
+    keys = jax.random.split(jax.random.key(5), 400)
+    mixed, targets = _sharded_mixing(mesh_shape, mesh_axes, batch_axes, images)(keys)
+    groups = mixed.reshape(len(keys), shards, n, H, W, C)
+    own = images.reshape(shards, n, H, W, C)
+    is_cutmix = np.all((groups == own) | (groups == own[:, ::-1]), axis=(2, 3, 4, 5))  # (K, shards)
+    # lam from the targets: row 0 of each shard has its own label's share lam (1 - s) + s / C
+    first = targets[:, ::n]  # (K, shards, classes)
+    lam = (first[:, np.arange(shards), SHARD_LABELS[::n]] - SMOOTHING / SHARD_CLASSES) / (1 - SMOOTHING)
+    assert abs(is_cutmix.mean() - F.SWITCH_PROB) < 0.035  # 4 standard errors of 1600 draws
+    lam_mixup = lam[~is_cutmix]
+    assert abs(lam_mixup.mean() - 0.5) < 0.03
+    assert stats.kstest(lam_mixup, stats.beta(F.MIXUP_ALPHA, F.MIXUP_ALPHA).cdf).pvalue > 1e-3
+    timm_mixup = pytest.importorskip("timm.data.mixup")
+    np.random.seed(0)
+    timm_lams = [timm_mixup.cutmix_bbox_and_lam((n, C, H, W), np.random.beta(1.0, 1.0))[1] for _ in range(4000)]
+    # cutmix lams are box fractions (atoms): rounded, so that float32 rounding does not split an atom
+    assert stats.ks_2samp(np.round(lam[is_cutmix].astype(np.float64), 4), np.round(timm_lams, 4)).pvalue > 1e-3
+    for a, b in ((0, 1), (0, 3), (2, 3)):  # independent shards: uncorrelated lams and kinds
+        assert abs(np.corrcoef(lam[:, a], lam[:, b])[0, 1]) < 0.2  # 4 standard errors of 400 pairs
+        assert abs(np.corrcoef(is_cutmix[:, a], is_cutmix[:, b])[0, 1]) < 0.2
+
+
+def test_one_shard_is_the_single_batch_function():
+    """batch_axes=() and a mesh whose batch axes have one device both give the plain whole-batch mixing."""
+    images, labels = jnp.asarray(_shard_images()), jnp.asarray(SHARD_LABELS)
+    key = jax.random.key(6)
+    plain = F.mixup_cutmix(key, images, labels, SHARD_CLASSES)
+    use_cutmix, lam, box = (np.asarray(a) for a in F.mixing_draw(key, H, W))
+    x = np.asarray(images)
+    expected = np.where(box[None, :, :, None], x[::-1], x) if use_cutmix else lam * x + (1 - lam) * x[::-1]
+    np.testing.assert_allclose(plain[0], expected, rtol=1e-6, atol=1e-5)
+    mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]).reshape(1, 1), ("data", "fsdp"))
+    with jax.set_mesh(mesh):
+        rules = (("batch", ("data", "fsdp")),)
+        assert F.batch_mesh_axes(SHARD_N, rules) == ()
+    mesh = jax.sharding.Mesh(np.array(jax.devices()).reshape(2, 4, 1), ("data", "fsdp", "tensor"))
+    with jax.set_mesh(mesh):
+        assert F.batch_mesh_axes(SHARD_N, rules) == ("data", "fsdp")
+        assert F.batch_mesh_axes(SHARD_N + 4, rules) == ()  # 8 shards do not divide 20 rows: not split
+    assert F.batch_mesh_axes(SHARD_N, rules) == ()  # no mesh
+
+
 def test_soft_target_cross_entropy_against_numpy():
     rng = np.random.default_rng(0)
     logits = rng.normal(size=(6, NUM_CLASSES)) * 3
@@ -259,3 +393,31 @@ def test_rand_augment_applies_each_op_with_probability_half():
     unchanged = np.mean([np.array_equal(np.asarray(R.rand_augment(rng, image)), original) for _ in range(600)])
     assert abs(unchanged - expected_unchanged) < 0.075  # 4 standard errors
     assert np.array_equal(np.asarray(R.rand_augment(rng, image, prob=0.0)), original)
+
+
+# ---------------------------------------------------------------- the compiled fine-tune step's communication
+
+def _finetune_step_collective_bytes(mesh: dict, batch: int) -> dict:
+    """collective_bytes of the tiny fine-tune train step compiled for the 8 CPU devices at global batch `batch`."""
+    from conftest import override
+    from siim_jax.config import finetune_config
+    from siim_jax.methods import get_method
+    from siim_jax.perf.compiled import collective_bytes, plan_train_step
+    config = override(finetune_config("mu"), {
+        "model.image_size": 32, "model.dtype": "float32", "data.num_masked": 10, "data.raw_size": 40,
+        "data.num_train": 64, "classifier.num_classes": 10, "batch_size": batch,
+        **{f"mesh.{k}": v for k, v in mesh.items()}})
+    plan = plan_train_step(get_method(config))
+    return collective_bytes(plan.train_step.lower(plan.abstract_state, plan.abstract_batch).compile().as_text())
+
+
+@pytest.mark.parametrize("mesh", [{"data": 8}, pytest.param({"data": 1, "fsdp": 8}, marks=pytest.mark.slow)])
+def test_no_collective_of_the_finetune_step_grows_with_the_global_batch(mesh):
+    """Global batches 40 and 80 (as pretraining's check, tests/test_perf.py): no kind of collective moves more
+    than 1.25x the bytes at twice the batch, and none permutes rows (the whole-batch reversal of mixup / cutmix
+    moved every image between devices: collective-permute 61640 -> 123280 bytes per device on 8 data shards)."""
+    small, large = _finetune_step_collective_bytes(mesh, 40), _finetune_step_collective_bytes(mesh, 80)
+    for kind in small:
+        assert large[kind] <= 1.25 * small[kind], (kind, small, large)
+    assert small["collective-permute"] == large["collective-permute"] == 0, (small, large)
+    assert small["all-reduce"] > 0  # the gradients: the HLO was read

@@ -1,14 +1,19 @@
 """Fine-tuning regularisers (SPEC section 5): mixup/cutmix with label smoothing and random erasing, on device
 (RandAugment, on the host, is `siim_jax.data.randaugment`; drop path `siim_jax.models.vit.drop_path`).
 
-Device functions are jit-able with static shapes and follow timm's conventions (`timm.data.Mixup(mode='batch')`,
-); the host function follows `timm.data.RandomErasing` on one normalised (H, W, C) image.
+Device functions are jit-able with static shapes and follow timm's conventions: mixup / cutmix as
+`timm.data.Mixup(mode='batch')` on each GPU's batch, here on each device shard of the global batch (one draw per
+shard, no image crossing devices), random erasing as `timm.data.RandomErasing` on each normalised image.
 """
 
+import functools
 import math
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec
+
+from siim_jax.parallel.sharding import logical_to_mesh_spec
 
 MIXUP_ALPHA, CUTMIX_ALPHA, SWITCH_PROB, LABEL_SMOOTHING = 0.8, 1.0, 0.5, 0.1
 ERASE_PROB = 0.25
@@ -35,15 +40,14 @@ def cutmix_box(key: jax.Array, lam: jax.Array, height: int, width: int) -> jax.A
     return (rows >= top) & (rows < bottom) & (cols >= left) & (cols < right)
 
 
-def mixup_cutmix(key: jax.Array, images: jax.Array, labels: jax.Array, num_classes: int,
-                 mixup_alpha: float = MIXUP_ALPHA, cutmix_alpha: float = CUTMIX_ALPHA,
-                 switch_prob: float = SWITCH_PROB, label_smoothing: float = LABEL_SMOOTHING):
-    """Batch-level mixup or cutmix with the batch reversed: images (N, H, W, C), labels (N,) int ->
-    (mixed images (N, H, W, C) in the images' dtype, soft targets float32 (N, num_classes)).
+def mixing_draw(key: jax.Array, height: int, width: int, mixup_alpha: float = MIXUP_ALPHA,
+                cutmix_alpha: float = CUTMIX_ALPHA, switch_prob: float = SWITCH_PROB):
+    """One batch's mixing draw (timm `Mixup._params_per_batch` + `cutmix_bbox_and_lam`): key ->
+    (use_cutmix bool (), lam float32 (), box bool (height, width)).
 
     Cutmix with probability `switch_prob` (when both alphas > 0), else mixup; lam ~ Beta(alpha, alpha) of the
-    chosen one. Mixup: lam * x + (1 - lam) * x[::-1]. Cutmix: one box (`cutmix_box`) shared by the batch, pasted
-    from x[::-1], lam corrected to 1 - box area / (H * W). Targets lam * smooth(y) + (1 - lam) * smooth(y[::-1]).
+    chosen one. For cutmix, `box` is `cutmix_box` of the drawn lam and lam is corrected to 1 - box area /
+    (height * width); for mixup, lam is the Beta draw (the box is unused).
     """
     if mixup_alpha <= 0 and cutmix_alpha <= 0:
         raise ValueError("mixup_cutmix needs mixup_alpha > 0 or cutmix_alpha > 0")
@@ -54,18 +58,62 @@ def mixup_cutmix(key: jax.Array, images: jax.Array, labels: jax.Array, num_class
         use_cutmix = jnp.asarray(cutmix_alpha > 0)
     lam_mixup = jax.random.beta(mixup_key, mixup_alpha, mixup_alpha) if mixup_alpha > 0 else jnp.float32(1.0)
     lam_drawn = jax.random.beta(cutmix_key, cutmix_alpha, cutmix_alpha) if cutmix_alpha > 0 else jnp.float32(1.0)
-    height, width = images.shape[1:3]
     box = cutmix_box(box_key, lam_drawn, height, width)
     lam_cutmix = 1.0 - jnp.sum(box, dtype=jnp.int32).astype(jnp.float32) / (height * width)
+    return use_cutmix, jnp.where(use_cutmix, lam_cutmix, lam_mixup).astype(jnp.float32), box
 
+
+def _mix_one_batch(key, images, labels, num_classes, mixup_alpha, cutmix_alpha, switch_prob, label_smoothing):
+    """mixup_cutmix of one shard (or of the whole batch): (N, H, W, C), (N,) -> (N, H, W, C), (N, num_classes)."""
+    use_cutmix, lam, box = mixing_draw(key, images.shape[1], images.shape[2], mixup_alpha, cutmix_alpha,
+                                       switch_prob)
     flipped = images[::-1]
-    mixed_by_mixup = (images * lam_mixup + flipped * (1.0 - lam_mixup)).astype(images.dtype)
+    mixed_by_mixup = (images * lam + flipped * (1.0 - lam)).astype(images.dtype)
     mixed_by_cutmix = jnp.where(box[None, :, :, None], flipped, images)
     mixed = jnp.where(use_cutmix, mixed_by_cutmix, mixed_by_mixup)
-
-    lam = jnp.where(use_cutmix, lam_cutmix, lam_mixup).astype(jnp.float32)
     smoothed = smooth_one_hot(labels, num_classes, label_smoothing)
     return mixed, lam * smoothed + (1.0 - lam) * smoothed[::-1]
+
+
+def batch_mesh_axes(rows: int, rules) -> tuple:
+    """The axes of the context mesh (`jax.set_mesh`, as the train step's `sharding_context` sets) that split a
+    batch of `rows` rows under the logical-axis `rules` (its `batch` rule), major first; () outside a mesh or
+    where the batch is not split."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+        return ()
+    axes = logical_to_mesh_spec(("batch",), (rows,), mesh, rules)[0] or ()
+    return (axes,) if isinstance(axes, str) else tuple(axes)
+
+
+def mixup_cutmix(key: jax.Array, images: jax.Array, labels: jax.Array, num_classes: int,
+                 mixup_alpha: float = MIXUP_ALPHA, cutmix_alpha: float = CUTMIX_ALPHA,
+                 switch_prob: float = SWITCH_PROB, label_smoothing: float = LABEL_SMOOTHING,
+                 batch_axes: tuple = ()):
+    """Batch-level mixup or cutmix with the batch reversed, per device shard (timm `Mixup(mode='batch')` on each
+    GPU's batch): images (N, H, W, C), labels (N,) int -> (mixed images (N, H, W, C) in the images' dtype, soft
+    targets float32 (N, num_classes)).
+
+    `batch_axes` = (): the whole batch is one group, mixed with `mixing_draw(key)`. Otherwise the mesh axes of the
+    context mesh (`jax.set_mesh`; see `batch_mesh_axes`) that split the batch dim, major first: the S shards of
+    N / S rows each (shard s = rows [s N / S, (s + 1) N / S), s the linear index over `batch_axes`) are mixed
+    independently inside a `jax.shard_map`, shard s with `mixing_draw(fold_in(key, s))` and its own rows
+    reversed, so that no image or label crosses devices. Per group x of n rows with draw (use_cutmix, lam, box):
+    mixup lam * x + (1 - lam) * x[::-1]; cutmix x with `box` pasted from x[::-1] (one box for the group);
+    targets lam * smooth(y) + (1 - lam) * smooth(y[::-1]).
+    """
+    mix = functools.partial(_mix_one_batch, num_classes=num_classes, mixup_alpha=mixup_alpha,
+                            cutmix_alpha=cutmix_alpha, switch_prob=switch_prob, label_smoothing=label_smoothing)
+    if not batch_axes:
+        return mix(key, images, labels)
+    batch_axes = tuple(batch_axes)
+
+    def per_shard(key, images, labels):
+        return mix(jax.random.fold_in(key, jax.lax.axis_index(batch_axes)), images, labels)
+
+    rows = PartitionSpec(batch_axes)
+    return jax.shard_map(per_shard, in_specs=(PartitionSpec(), rows, rows), out_specs=(rows, rows))(
+        key, images, labels)
 
 
 def soft_target_cross_entropy(logits: jax.Array, targets: jax.Array) -> jax.Array:

@@ -12,7 +12,7 @@ import optax
 from flax import nnx
 
 from siim_jax.data.classification import LabelledBatches
-from siim_jax.data.finetune_augment import (mixup_cutmix, random_erasing, smooth_one_hot,
+from siim_jax.data.finetune_augment import (batch_mesh_axes, mixup_cutmix, random_erasing, smooth_one_hot,
                                             soft_target_cross_entropy)
 from siim_jax.data.photometric import normalize
 from siim_jax.data.randaugment import rand_augment
@@ -121,7 +121,7 @@ class FinetuneMethod(ClassificationMethod):
                                  magnitude_std=c.randaugment_magnitude_std)
 
     def make_loss_fn(self, graphdef):
-        c = self.config.classifier
+        c, rules = self.config.classifier, self.config.mesh.logical_axis_rules
 
         def loss_fn(params, ema_params, batch_stats, batch, key):
             mix_key, drop_key = jax.random.split(key)
@@ -131,9 +131,11 @@ class FinetuneMethod(ClassificationMethod):
             if c.erase_prob > 0:
                 images = random_erasing(erase_key, images, prob=c.erase_prob)
             if c.mixup > 0 or c.cutmix > 0:
+                # per device shard of the batch, one draw each (timm's per-GPU mixing): no image crosses devices
                 images, targets = mixup_cutmix(mix_key, images, batch["labels"], c.num_classes, mixup_alpha=c.mixup,
                                                cutmix_alpha=c.cutmix, switch_prob=c.mixup_switch_prob,
-                                               label_smoothing=c.label_smoothing)
+                                               label_smoothing=c.label_smoothing,
+                                               batch_axes=batch_mesh_axes(images.shape[0], rules))
             else:
                 targets = smooth_one_hot(batch["labels"], c.num_classes, c.label_smoothing)
             loss = soft_target_cross_entropy(model(images, drop_key), targets)
