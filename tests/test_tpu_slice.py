@@ -163,15 +163,18 @@ def test_launcher_reads_every_workers_exit_status(tmp_path, state):
 
 # a stand-in training: one "step N: ..." line a step, the step count kept in $WORKDIR_DIR (it outlives the
 # slice, as a gs:// workdir does), exit 0 after step 8; each run's start step is appended to $WORKDIR_DIR/starts.
-# The first run stops stepping at step 5 and waits to be preempted (at step 3), however slowly the preemption
-# comes on a loaded machine: only the preemption can end it.
+# The step file is replaced whole (a kill between truncating and writing it would leave it empty), as an object is
+# on gs://. The first run stops stepping at step 5 and waits to be preempted (at step 3), however slowly the
+# preemption comes on a loaded machine: only the preemption can end it.
 STEPPER = """#!/bin/bash
 step=$(cat "$WORKDIR_DIR/step.$JAX_PROCESS_ID" 2> /dev/null || echo 0)
 start=$step
 echo "$JAX_PROCESS_ID $step" >> "$WORKDIR_DIR/starts"
 while [ "$step" -lt 8 ]; do
     step=$((step + 1)); sleep 0.2
-    echo "$step" > "$WORKDIR_DIR/step.$JAX_PROCESS_ID"; echo "step $step: loss 1.0"
+    echo "$step" > "$WORKDIR_DIR/new.$JAX_PROCESS_ID"
+    mv "$WORKDIR_DIR/new.$JAX_PROCESS_ID" "$WORKDIR_DIR/step.$JAX_PROCESS_ID"
+    echo "step $step: loss 1.0"
     if [ "$start" = 0 ] && [ "$step" = 5 ]; then sleep 300; fi
 done
 """
