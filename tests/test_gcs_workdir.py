@@ -94,6 +94,7 @@ print(json.dumps([[e.step, e.value] for e in board.Scalars("loss")]))
 """
 
 
+@pytest.mark.slow  # fast-tier time; the fast tier keeps this file's lighter tests
 def test_tensorboard_reads_the_events_straight_from_gs(gcs):
     """TensorBoard's own loader on the gs:// folder (what `tensorboard --logdir gs://...` runs): one events object,
     the losses of metrics.jsonl."""

@@ -558,6 +558,7 @@ TINY_TRAIN = ["--config.batch_size=16", "--config.data.num_train=128", "--config
 
 
 @pytest.mark.multiprocess  # a 2-process JAX run, as tests/test_multiprocess.py
+@pytest.mark.slow  # fast-tier time; the fast tier keeps this file's lighter tests
 def test_slurm_time_limit_signal_stops_a_real_training_with_a_checkpoint_and_requeues(tmp_path):
     """2 training processes (2 fake CPU devices each) started by the sbatch script through the fake srun; the
     time-limit warning is delivered as Slurm does for the script's `#SBATCH --signal=` (without "B:": to the

@@ -82,6 +82,7 @@ def test_a_second_ctrl_c_leaves_at_once_with_one_line_on_every_process(tmp_path)
     assert "Traceback" not in err
 
 
+@pytest.mark.slow  # fast-tier time; the fast tier keeps this file's lighter tests
 def test_a_preemption_notice_from_the_metadata_server_saves_and_exits_75(tmp_path):
     """A local server answering as the GCE / Cloud TPU metadata server does (Metadata-Flavor header checked)
     turns `instance/preempted` to TRUE mid-run: the run stops after an agreed step, saves it, exits 75, and the
