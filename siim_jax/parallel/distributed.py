@@ -84,10 +84,11 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
     multi = explicit["num_processes"] > 1 if explicit is not None else _cluster_kind() is not None
     if multi:
         jax.config.update("jax_cpu_collectives_implementation", "gloo")  # CPU devices only; others keep theirs
-        jax.distributed.initialize(**(explicit or {}), **timeouts())
-    if jax.process_count() > 1:
-        _prefix = f"[process {jax.process_index()}/{jax.process_count()}] "
-        PeerWatch(timeouts()["heartbeat_timeout_seconds"] / 2).start()
+        settings = timeouts()
+        jax.distributed.initialize(**(explicit or {}), **settings)
+        if jax.process_count() > 1:
+            _prefix = f"[process {jax.process_index()}/{jax.process_count()}] "
+            PeerWatch(settings["heartbeat_timeout_seconds"] / 2).start()
     log.info("process %d/%d, local devices %d, global devices %d", jax.process_index(), jax.process_count(),
              jax.local_device_count(), jax.device_count())
 
@@ -196,12 +197,8 @@ class PeerWatch(threading.Thread):
     def _leave(self, why: str) -> None:
         if self.ended.is_set():
             return
-        step = finished_checkpoint_step
         lead = "\n" if jax.process_index() == 0 else ""  # off process 0's progress bar line
-        print(f"{lead}error: [{process_label()}] {why}; "
-              + (f"the checkpoint of step {step} is finished: rerunning the same command resumes from it"
-                 if step is not None else "no checkpoint was finished by this run"), file=sys.stderr, flush=True)
-        exit_now(75 if step is not None else 1)
+        leave_for_lost_peer(f"[{process_label()}] {why}", finished_checkpoint_step, lead)
 
 
 finished_checkpoint_step: int | None = None  # the newest checkpoint every process finished (the trainer keeps it)
@@ -215,6 +212,15 @@ def several_processes() -> bool:
 def process_label() -> str:
     """'process i/n' (the same words as the log prefix)."""
     return f"process {jax.process_index()}/{jax.process_count()}"
+
+
+def leave_for_lost_peer(message: str, saved_step: int | None, lead: str = "") -> None:
+    """Ends this process because another one is gone: `error: <message>; <what a rerun does>`, then exit 75 when
+    every process finished the checkpoint of `saved_step` (a requeue / restart resumes from it), else 1."""
+    then = (f"the checkpoint of step {saved_step} is finished: rerunning the same command resumes from it"
+            if saved_step is not None else "no checkpoint was finished by this run")
+    print(f"{lead}error: {' '.join(message.split())}; {then}", file=sys.stderr, flush=True)
+    exit_now(75 if saved_step is not None else 1)
 
 
 def exit_now(status: int) -> None:

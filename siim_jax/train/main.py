@@ -78,12 +78,7 @@ def finish_training(run, summary_line=None) -> None:
     except (ConfigError, RunError) as e:
         fail(str(e), EXIT_FAILED)
     except distributed.PeerLostError as e:
-        # 75 when every process finished a checkpoint: a requeue / restart resumes from it
-        status = EXIT_STOPPED if e.saved_step is not None else EXIT_FAILED
-        then = (f"; the checkpoint of step {e.saved_step} is finished: rerunning the same command resumes from it"
-                if e.saved_step is not None else "; no checkpoint was finished by this run")
-        print("error: " + " ".join(str(e).split()) + then, file=sys.stderr, flush=True)
-        distributed.exit_now(status)
+        distributed.leave_for_lost_peer(str(e), e.saved_step)
     except CheckpointWriteError as e:
         prefix = f"[{distributed.process_label()}] " if distributed.several_processes() else ""
         print("error: " + prefix + " ".join(str(e).split()), file=sys.stderr, flush=True)
