@@ -39,6 +39,11 @@ def base_config() -> ml_collections.ConfigDict:
     # "validation" (top-1 / top-5 of a classifier on the validation split)
     c.evals = ("knn",)
     c.keep_checkpoints = 3
+    # the longest a checkpoint's background write may take before the run ends with one error line (exit 1;
+    # the relaunch resumes from the newest intact step): an object store that stopped answering is otherwise
+    # retried by TensorStore for tens of minutes. 600 s: a ViT-H state with its EMA and Adam moments (~10 GB)
+    # written at 100 MB/s from a single host takes ~100 s
+    c.checkpoint_timeout_seconds = 600
     # multi-process runs: how often the processes vote on a stop request (one tiny all-reduce; one process votes
     # every step); every process stops after the same step either way, at most 3x this many steps after the
     # signal. 4: on 2 CPU processes a vote costs ~5 ms a step (138 vs 145 img/s with votes every 1 / 10 steps,
@@ -270,6 +275,7 @@ RANGES = (
     ("keep_checkpoints", _positive_int, "an integer >= 1 (how many of the newest checkpoints to keep)"),
     ("log_every_steps", _positive_int, "an integer >= 1"),
     ("checkpoint_every_steps", _positive_int, "an integer >= 1"),
+    ("checkpoint_timeout_seconds", _positive_int, "an integer >= 1 (seconds a checkpoint's write may take)"),
     ("stop_vote_every_steps", _positive_int, "an integer >= 1"),
     ("eval_every_steps", _int_at_least(0), "an integer >= 0 (0 turns the k-NN monitor off)"),
     ("total_steps", _int_at_least(0), "an integer >= 0 (0: the length comes from config.epochs)"),

@@ -32,7 +32,12 @@ logging.getLogger("gcsfs").setLevel(logging.CRITICAL)
 
 
 class ObjectStoreError(RunError, OSError):
-    """The object store refused or could not be reached; the message names the path, the cause and the fix."""
+    """The object store refused or could not be reached; the message names the path, the cause and the fix.
+    `kind`: classify_error's word for the cause ('unreachable', 'permission', ...), None when not known."""
+
+    def __init__(self, message: str, kind: str | None = None):
+        super().__init__(message)
+        self.kind = kind
 
 
 def is_remote(path) -> bool:
@@ -81,12 +86,14 @@ def object_store_errors(path):
         message = describe_error(error)
         if message is None:
             raise
-        raise ObjectStoreError(f"{path}: {message}") from None
+        raise ObjectStoreError(f"{path}: {message}", classify_error(error)) from None
 
 
 def classify_error(error: BaseException) -> str | None:
     """'permission', 'credentials', 'missing', 'unreachable' or 'other' for an object-store failure; None when
     `error` did not come from an object-store client."""
+    if isinstance(error, ObjectStoreError):
+        return error.kind
     name = type(error).__name__
     module = type(error).__module__ or ""
     text = str(error)
@@ -109,6 +116,8 @@ def classify_error(error: BaseException) -> str | None:
 
 def describe_error(error: BaseException) -> str | None:
     """One line for an object-store failure (with what to do), or None when `error` is not one."""
+    if isinstance(error, ObjectStoreError):
+        return str(error)
     kind = classify_error(error)
     text = " ".join(str(error).split())[:300]
     if kind == "permission":

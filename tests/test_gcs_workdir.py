@@ -220,9 +220,12 @@ def test_a_read_only_bucket_is_one_error_line_and_is_left_as_it_was(gcs):
 @pytest.mark.slow
 def test_the_server_stopping_during_a_save_is_one_line_and_the_relaunch_resumes(gcs, local_reference):
     """The store goes away right after the first checkpoint: the run ends with one error line (status 1, after
-    the clients' retries), nothing half-written is ever restored, and once the store is back the relaunch resumes
-    from the newest intact checkpoint and ends with the uninterrupted losses."""
-    proc = subprocess.Popen([sys.executable, "-m", "siim_jax.train", *SHORT, "--workdir", "gs://bucket/run"],
+    the clients' retries, bounded by config.checkpoint_timeout_seconds for the checkpoint's write, which
+    TensorStore would otherwise retry for tens of minutes), nothing half-written is ever restored, and once the
+    store is back the relaunch resumes from the newest intact checkpoint and ends with the uninterrupted
+    losses."""
+    proc = subprocess.Popen([sys.executable, "-m", "siim_jax.train", *SHORT, "--workdir", "gs://bucket/run",
+                             "--config.checkpoint_timeout_seconds=20"],
                             cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             start_new_session=True)
     try:

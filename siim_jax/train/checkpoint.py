@@ -75,8 +75,10 @@ class Checkpointer:
         self.workdir = storage.absolute(workdir)
         self.directory = storage.join(self.workdir, "checkpoints")
         self.signature = model_signature(config)
-        options = ocp.CheckpointManagerOptions(max_to_keep=config.keep_checkpoints, create=True,
-                                               enable_async_checkpointing=True)
+        self.timeout_seconds = config.checkpoint_timeout_seconds
+        options = ocp.CheckpointManagerOptions(
+            max_to_keep=config.keep_checkpoints, create=True, enable_async_checkpointing=True,
+            async_options=ocp.options.AsyncOptions(timeout_secs=self.timeout_seconds))
         self.manager = ocp.CheckpointManager(self.directory, options=options,
                                              item_names=("state", "signature", "counters"))
         self._finished(None)
@@ -90,6 +92,14 @@ class Checkpointer:
         except Exception as error:  # noqa: BLE001
             if lost_contact(error):  # a peer is gone, not the store: the trainer says so
                 raise
+            if isinstance(error, TimeoutError):  # Orbax's commit deadline (AsyncOptions.timeout_secs)
+                raise CheckpointWriteError(
+                    f"writing a checkpoint into {self.directory} did not finish within "
+                    f"config.checkpoint_timeout_seconds={self.timeout_seconds} s ({_first_line(error)}); "
+                    + ("the object store did not answer: check the network (and STORAGE_EMULATOR_HOST / "
+                       "TENSORSTORE_GCS_HTTP_URL if you use an emulator)" if storage.is_remote(self.directory)
+                       else "check the disk") + ", or raise the limit for very large states; unfinished steps are "
+                    "never restored, so rerunning the same command resumes from the newest finished one") from None
             store = storage.describe_error(error) if storage.is_remote(self.directory) else None
             if store:  # it already says what to do and that the run resumes
                 raise CheckpointWriteError(f"writing a checkpoint into {self.directory} failed: {store}") from None

@@ -104,7 +104,9 @@ class MetricsWriter:
 
     def close(self) -> None:
         """Flushes and closes; never raises (it runs while another failure may be on its way out): a record or
-        event that cannot be written is one warning line, and TensorBoard's exit hook has nothing left to do."""
+        event that cannot be written is one warning line, and TensorBoard's exit hook has nothing left to do.
+        An object store that did not answer the metrics is not asked again for the events (another 120 s of
+        google-cloud-storage retries on the way out)."""
         if not self.enabled:
             return
         for what, action in (("metrics.jsonl", self.flush), ("the TensorBoard events", self.tb.close)):
@@ -113,6 +115,9 @@ class MetricsWriter:
             except Exception as error:  # noqa: BLE001 - a store that went away, a full disk
                 log.warning("could not write %s to %s: %s", what, storage.parent(self.path),
                             storage.describe_error(error) or error)
+                if storage.classify_error(error) == "unreachable":
+                    log.warning("the TensorBoard events since the last flush are not written")
+                    return
 
 
 def device_prefetch(host_batches, mesh, rules, global_rows: int, size: int = 2):
