@@ -204,8 +204,9 @@ query() {  # print, then run unless --dry-run (then print $1 instead): for comma
     fi
 }
 
-common=(--zone="$zone")
-[[ -z $project ]] || common+=(--project="$project")
+project_flag=()
+[[ -z $project ]] || project_flag=(--project="$project")
+common=(--zone="$zone" "${project_flag[@]}")
 tpu=(gcloud compute tpus tpu-vm)
 qr=(gcloud compute tpus queued-resources)
 
@@ -369,7 +370,27 @@ on_workers() {  # $1: --worker=all or --worker=0, $2: the command
     run "${tpu[@]}" ssh "$name" "${common[@]}" "$1" --command="$2"
 }
 
+# the first install's commit and packages, recorded in the workdir: a later launcher run on the same workdir (the
+# launcher itself restarted, or a relaunch after --max-restarts) installs them again, whatever --ref says now
+pins_url="$workdir/siim_install.txt"
+
+read_pins() {  # $1: text with siim_pin_commit= / siim_pin_packages= lines
+    pinned_commit="$(printf '%s\n' "$1" | sed -n 's/^siim_pin_commit=\([0-9a-f]*\)[[:space:]]*$/\1/p' | head -n 1)"
+    pinned_packages="$(printf '%s\n' "$1" | sed -n 's/^siim_pin_packages=\([A-Za-z0-9+/=]*\)[[:space:]]*$/\1/p' | head -n 1)"
+    [[ -n $pinned_commit && -n $pinned_packages ]] || pinned_commit="" pinned_packages=""
+}
+
+recorded_pins() {  # the workdir's siim_install.txt, if a launch on it installed before
+    [[ -z $install_custom && -z $pinned_commit ]] || return 0
+    local text
+    text="$(query "" gcloud storage cat "$pins_url" "${project_flag[@]}")" || return 0  # none yet (or unreadable: a fresh install)
+    read_pins "$text"
+    [[ -z $pinned_commit ]] || log "$workdir was started with siim_jax ${pinned_commit:0:12}: installing that commit" \
+        "and the same package versions (--ref $ref not used; to install it instead, delete $pins_url)"
+}
+
 install() {  # the first time: $install_cmd, reporting what it installed; after that: pinned to it
+    recorded_pins
     if [[ -n $pinned_commit ]]; then
         on_workers --worker=all "$(pinned_install_cmd)" || die "installing siim_jax on the workers of $name failed"
         return
@@ -379,11 +400,14 @@ install() {  # the first time: $install_cmd, reporting what it installed; after 
     on_workers --worker=all "$install_cmd" > "$out" || status=$?
     grep -v '^siim_pin_' "$out" || true
     [[ $status -eq 0 ]] || { rm -f "$out"; die "installing siim_jax on the workers of $name failed"; }
-    pinned_commit="$(sed -n 's/^siim_pin_commit=\([0-9a-f]*\)[[:space:]]*$/\1/p' "$out" | head -n 1)"
-    pinned_packages="$(sed -n 's/^siim_pin_packages=\([A-Za-z0-9+/=]*\)[[:space:]]*$/\1/p' "$out" | head -n 1)"
+    read_pins "$(grep '^siim_pin_' "$out")"
     rm -f "$out"
-    [[ -z $pinned_commit ]] || log "installed siim_jax ${pinned_commit:0:12}; a re-created slice gets this commit and" \
-        "these package versions again"
+    [[ -n $pinned_commit ]] || return 0
+    log "installed siim_jax ${pinned_commit:0:12}; a re-created slice gets this commit and these package versions" \
+        "again (recorded in $pins_url)"
+    printf 'siim_pin_commit=%s\nsiim_pin_packages=%s\n' "$pinned_commit" "$pinned_packages" \
+        | run gcloud storage cp - "$pins_url" "${project_flag[@]}" \
+        || log "warning: could not write $pins_url; a later launcher run on this workdir installs --ref afresh"
 }
 
 start() {

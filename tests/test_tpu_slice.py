@@ -8,6 +8,7 @@ between two checkpoints: the launcher re-creates the slice and the run ends wher
 run over 4 devices ends."""
 
 import json
+import base64
 import os
 import re
 import shlex
@@ -232,7 +233,9 @@ def test_launcher_restarts_the_training_when_a_worker_crashes_on_a_ready_slice(t
 def test_a_re_created_slice_gets_the_commit_and_packages_of_the_first_install(tmp_path, state):
     """The default install (git clone of --repo at --ref, uv) on a slice preempted once: the branch moved to a new
     commit after the first install, yet the re-created workers get the first install's commit and its frozen
-    package list (tests/fake_uv/uv stands in for uv: no network here)."""
+    package list (tests/fake_uv/uv stands in for uv: no network here). The pins are recorded in the workdir
+    (siim_install.txt, through `gcloud storage cp -`), so a second launcher run on the same workdir, on a new
+    slice, installs them again too."""
     git = {"GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t"}
     src = tmp_path / "src"
     src.mkdir()
@@ -266,6 +269,22 @@ def test_a_re_created_slice_gets_the_commit_and_packages_of_the_first_install(tm
     assert sum("pip install" in c and "-r" in c.split() and c.endswith("/siim_pinned_requirements.txt")
                for c in calls) == 2  # after the re-creation, one per worker
     assert sum("--no-deps" in c for c in calls) == 2
+    recorded = (state / "storage" / "bucket" / "x" / "siim_install.txt").read_text().splitlines()
+    assert recorded == [f"siim_pin_commit={first}",
+                        "siim_pin_packages=" + base64.b64encode(freeze.encode()).decode()], recorded
+
+    # the launcher itself run again on the same workdir, on a new slice: the recorded commit, not --ref's
+    gcloud(env, "compute", "tpus", "tpu-vm", "delete", NAME, "--zone=us-central2-b", "--quiet")
+    status, out = launch(env, "--workdir", "gs://bucket/x", "--repo", str(src), "--ref", "main", "--", timeout=120)
+    assert status == 0, out
+    assert f"gs://bucket/x was started with siim_jax {first[:12]}: installing that commit" in out, out
+    for i in range(2):
+        home = state / NAME / f"worker{i}" / "home"
+        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=home / "siim_jax", capture_output=True,
+                              text=True).stdout.strip()
+        assert head == first, (i, head, first)
+    calls = (tmp_path / "uv.log").read_text().splitlines()
+    assert sum("pip install" in c and "jax[tpu]" in c for c in calls) == 2  # still only the very first install
 
 
 # ------------------------------------------------------------------------------------------ the real training
