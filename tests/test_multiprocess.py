@@ -13,6 +13,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import typing
 
@@ -87,14 +88,14 @@ def test_two_processes_of_two_devices_log_the_losses_of_one_process(tmp_path):
 
 
 @pytest.mark.slow
-# the mesh with a tensor axis across the two processes (rows shared by two devices of different processes); the
-# data mesh is the fast tier's 2 x 2 test, and fsdp alone adds nothing the tensor mesh does not already exercise
+# the data mesh is the fast tier's 2 x 2 test, and fsdp alone adds nothing the tensor mesh does not already
+# exercise; a tensor axis across processes (4 x 2) is the kill -9 test's mesh below
 @pytest.mark.parametrize("mesh", ["fsdp_x_tensor"])
 def test_processes_log_the_losses_of_one_process_and_resume_each_other(mesh, tmp_path, caplog):
-    """2 x 4 devices (4 x 2 for fsdp x tensor, whose tensor axis then spans process pairs that feed the same
-    rows) log the losses and end in the train state of 1 x 8; their checkpoint of step 3 resumes in 1 process,
-    and the 1-process one in 2, both from step 3 (asserted) to the state of the uninterrupted 1-process run."""
-    processes, devices = (4, 2) if mesh == "fsdp_x_tensor" else (2, 4)
+    """2 x 4 devices log the losses and end in the train state of 1 x 8; their checkpoint of step 3 resumes in 1
+    process, and the 1-process one in 2, both from step 3 (asserted) to the state of the uninterrupted 1-process
+    run."""
+    processes, devices = 2, 4
     reference = tmp_path / "one"
     summary = train_and_evaluate(recipe(**MESHES[mesh]), str(reference))
     assert summary["step"] == 6
@@ -389,3 +390,83 @@ def test_a_bad_process_id_is_one_error_line(tmp_path):
                              "--num_processes", "2", "--process_id", "5"], cwd=REPO, capture_output=True, text=True)
     assert bad_id.returncode == 2 and "error: --process_id=5 must be in 0..1" in bad_id.stderr
     assert "Traceback" not in bad_id.stderr
+
+
+
+def launch_and_kill(command, workdir, victim: int, moment, timeout: float = 300):
+    """Runs `command` (launch/local.sh ...) and kill -9s its training process `victim` at the first poll (every
+    2 ms) where moment(workdir, stderr lines so far) holds. Returns (launcher, stderr, seconds from the kill to
+    the launcher's end, {process_id: pid}). The launcher's session is killed whatever happens."""
+    launcher = subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                                start_new_session=True)
+    lines = []
+
+    def read():
+        for line in launcher.stderr:
+            lines.append(line)
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    try:
+        deadline = time.time() + timeout
+        while not moment(workdir, lines):
+            assert launcher.poll() is None and time.time() < deadline, "".join(lines)[-3000:]
+            time.sleep(0.002)
+        children = launcher_children(launcher)
+        os.kill(children[victim], signal.SIGKILL)
+        killed = time.time()
+        launcher.wait(timeout=120)
+        took = time.time() - killed
+        reader.join(timeout=30)
+    finally:
+        if launcher.poll() is None or launcher_children(launcher):
+            os.killpg(launcher.pid, signal.SIGKILL)
+            launcher.wait()
+    assert not any(os.path.exists(f"/proc/{pid}") for pid in children.values())
+    return launcher, "".join(lines), took, children
+
+
+def saving_after_step_3(workdir, lines) -> bool:
+    """A step after the third is being saved: Orbax's temporary folder of it exists."""
+    checkpoints = workdir / "checkpoints"
+    return (os.path.exists(workdir / "metrics.jsonl") and max(losses(workdir), default=0) >= 3
+            and checkpoints.is_dir() and any(".orbax-checkpoint-tmp" in n for n in os.listdir(checkpoints)))
+
+
+def restoring(workdir, lines) -> bool:
+    return any("restoring " in line for line in lines)
+
+
+@pytest.mark.slow
+def test_kill_9_of_any_one_of_four_processes_while_saving_then_while_restoring_and_the_relaunch_resumes(
+        tmp_path, long_reference):
+    """4 processes x 2 devices under launch/local.sh, on the fsdp=2 x tensor=4 mesh (its tensor axis spans
+    process pairs that feed the same rows), saving every step: a randomly drawn process is kill -9ed while a step
+    is being saved, then another draw while the relaunch restores (at its 'restoring' line). Each time local.sh
+    ends within a bound with that kill's status, names the process, and leaves no child; the third launch resumes
+    from the newest intact step (asserted) and ends with the losses and the train state of the uninterrupted
+    1-process run. The draw is printed; SIIM_TEST_SEED=<seed> repeats it."""
+    import random
+    seed = int(os.environ.get("SIIM_TEST_SEED", time.time_ns() % 100_000))
+    draw = random.Random(seed)
+    victims = (draw.randrange(4), draw.randrange(4))
+    print(f"SIIM_TEST_SEED={seed}: kill -9 of process {victims[0]} while saving, of {victims[1]} while restoring")
+    workdir = tmp_path / "run"
+    every_step = {**LONG, **MESHES["fsdp_x_tensor"], "checkpoint_every_steps": 1, "keep_checkpoints": 2}
+    command = ["bash", os.path.join(REPO, "launch", "local.sh"), "4", "--devices-per-process", "2",
+               *flags(**every_step), "--workdir", str(workdir)]
+    for victim, moment in zip(victims, (saving_after_step_3, restoring)):
+        launcher, err, took, children = launch_and_kill(command, workdir, victim, moment)
+        assert launcher.returncode == 128 + signal.SIGKILL, (seed, err[-3000:])
+        assert took < 30, (seed, took)  # local.sh SIGKILLs the others 10 s after the first failure at the latest
+        assert (f"launch/local.sh: error: process {victim}/4 (pid {children[victim]}) was killed by KILL "
+                "(status 137)") in err, (seed, err[-3000:])
+        assert "Traceback" not in err, (seed, err[-3000:])
+    before = checkpoints_before_relaunch(workdir)
+    done = local_sh(4, 2, workdir, **every_step)
+    assert done.returncode == 0, (seed, done.stderr[-3000:])
+    resumed = resumed_from(done.stderr)
+    assert resumed is not None and resumed == expected_resume_step(before, workdir), (seed, before, resumed)
+    assert sorted(losses(workdir)) == list(range(1, LONG_STEPS + 1))
+    assert_same_losses(losses(workdir), long_reference.losses, range(1, LONG_STEPS + 1))
+    assert_same_state(workdir, long_reference.workdir, rtol=RTOL, atol=ATOL, other_mesh=True)

@@ -177,6 +177,7 @@ class Checkpointer:
         skipped, mismatches = [], []
         for step in steps:
             state = why = None
+            log.info("restoring %s", self.path(step))
             try:
                 state, counters = self._read(step, abstract_state)
             except CheckpointMismatchError as error:
