@@ -470,3 +470,32 @@ def test_kill_9_of_any_one_of_four_processes_while_saving_then_while_restoring_a
     assert sorted(losses(workdir)) == list(range(1, LONG_STEPS + 1))
     assert_same_losses(losses(workdir), long_reference.losses, range(1, LONG_STEPS + 1))
     assert_same_state(workdir, long_reference.workdir, rtol=RTOL, atol=ATOL, other_mesh=True)
+
+
+@pytest.mark.slow
+def test_a_checkpoint_only_one_process_cannot_read_is_passed_over_by_every_process(tmp_path):
+    """2 processes x 4 devices on an FSDP mesh (each process reads only the shards it wrote): the data files of
+    process 1's shards of the newest step cut short. Process 1's read fails, process 0's succeeds; every process
+    learns it from the vote, all resume from the step before (asserted), the damaged step is moved aside whole,
+    and the run ends in the state of the undamaged one. Before restore read per process, Orbax's restore
+    barrier on process 0 met process 1's vote: 'sync_global_devices name mismatch', and no checkpoint usable."""
+    fsdp = {**MESHES["fsdp"], "total_steps": 4, "checkpoint_every_steps": 2}
+    workdir = tmp_path / "run"
+    done = local_sh(2, 4, workdir, **fsdp)
+    assert done.returncode == 0, done.stderr[-3000:]
+    shutil.copytree(workdir, tmp_path / "undamaged")
+    damaged = list((workdir / "checkpoints" / "4" / "state" / "ocdbt.process_1" / "d").iterdir())
+    assert damaged
+    for path in damaged:
+        path.write_bytes(path.read_bytes()[:50])
+    again = local_sh(2, 4, workdir, **fsdp)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "[process 1/2] checkpoint" in again.stderr and "/checkpoints/4 cannot be read (" in again.stderr
+    assert "[process 0/2] checkpoint" in again.stderr and "/checkpoints/4 cannot be read on process(es) 1" in \
+        again.stderr, again.stderr[-3000:]
+    assert resumed_from(again.stderr) == 2
+    moved = [n for n in os.listdir(workdir / "checkpoints_unusable") if n.startswith("4-")]
+    assert len(moved) == 1
+    assert {p.name for p in (workdir / "checkpoints_unusable" / moved[0] / "state" / "ocdbt.process_1" / "d")
+            .iterdir()} == {p.name for p in damaged}
+    assert_same_state(workdir, tmp_path / "undamaged", rtol=RTOL, atol=ATOL)

@@ -81,6 +81,16 @@ class Checkpointer:
             async_options=ocp.options.AsyncOptions(timeout_secs=self.timeout_seconds))
         self.manager = ocp.CheckpointManager(self.directory, options=options,
                                              item_names=("state", "signature", "counters"))
+        self.reader = self.manager
+        if jax.process_count() > 1:
+            # each process reads its own shards with no barrier of Orbax's: a read that fails on one process only
+            # would otherwise leave the others in a restore barrier while it votes (restore_newest), and the two
+            # sequences of collectives would no longer pair up
+            me = jax.process_index()
+            self.reader = ocp.CheckpointManager(self.directory, options=ocp.CheckpointManagerOptions(
+                read_only=True, multiprocessing_options=ocp.options.MultiprocessingOptions(
+                    primary_host=me, active_processes={me}, barrier_sync_key_prefix=f"read{me}")),
+                item_names=("state", "signature", "counters"))
         self._finished(None)
 
     def _finish(self) -> None:
@@ -145,16 +155,16 @@ class Checkpointer:
 
     def _read(self, step: int, abstract_state):
         """(state, counters) of `step`; raises CheckpointMismatchError or whatever reading fails with."""
-        saved = self.manager.restore(step, args=ocp.args.Composite(signature=ocp.args.JsonRestore()))["signature"]
+        saved = self.reader.restore(step, args=ocp.args.Composite(signature=ocp.args.JsonRestore()))["signature"]
         if saved != self.signature:
             diff = {k: (saved.get(k), v) for k, v in self.signature.items() if saved.get(k) != v}
             raise CheckpointMismatchError(
                 f"checkpoint {self.path(step)} was written by another model config "
                 f"(saved vs current: {diff}); use another --workdir or the matching recipe")
-        state = self.manager.restore(step, args=ocp.args.Composite(
+        state = self.reader.restore(step, args=ocp.args.Composite(
             state=ocp.args.StandardRestore(abstract_state)))["state"]
         try:
-            counters = self.manager.restore(step, args=ocp.args.Composite(counters=ocp.args.JsonRestore()))
+            counters = self.reader.restore(step, args=ocp.args.Composite(counters=ocp.args.JsonRestore()))
             counters = dict(counters["counters"] or {})
         except Exception:  # written before counters were saved
             counters = {}
@@ -239,6 +249,8 @@ class Checkpointer:
             from jax.experimental import multihost_utils
             multihost_utils.sync_global_devices("siim_jax checkpoints set aside")
         self.manager.reload()
+        if self.reader is not self.manager:
+            self.reader.reload()
 
     def path(self, step: int | None) -> str:
         return storage.join(self.directory, str(step))
@@ -250,10 +262,11 @@ class Checkpointer:
         try:
             self._finish()
         finally:
-            try:
-                self.manager.close()
-            except Exception:  # noqa: BLE001 - already reported by _finish
-                pass
+            for manager in {id(m): m for m in (self.manager, self.reader)}.values():
+                try:
+                    manager.close()
+                except Exception:  # noqa: BLE001 - already reported by _finish
+                    pass
 
 
 def abstract_like(state, shardings):
