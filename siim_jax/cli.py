@@ -18,18 +18,19 @@ class RunError(Exception):
     report it as one `error:` line with exit status 1. Each module defines its own subclasses."""
 
 
-def fail(message: str, status: int, usage: str | None = None):
+def fail(message: str, status: int, usage: str | None = None, at_once: bool = False):
     """Prints `error: <message>` on one line (and `usage` if given) to stderr, then exits with `status`.
 
     In a multi-process run the line starts with `[process i/n]` and the process leaves at once
-    (distributed.exit_now: no exit-time wait for the others, which may be waiting for it)."""
+    (distributed.exit_now: no exit-time wait for the others, which may be waiting for it); `at_once` does that
+    in one process too (an object store that stopped answering: the clients' exit hooks would retry it)."""
     distributed = sys.modules.get("siim_jax.parallel.distributed")  # imported (with JAX) only by the commands
     several = distributed is not None and distributed.several_processes()
     prefix = f"[{distributed.process_label()}] " if several else ""
     print("error: " + prefix + " ".join(str(message).split()), file=sys.stderr, flush=True)
     if usage:
         print(usage, file=sys.stderr, flush=True)
-    if several:
+    if distributed is not None and (several or at_once):
         distributed.exit_now(status)
     sys.exit(status)
 

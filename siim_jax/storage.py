@@ -33,11 +33,11 @@ logging.getLogger("gcsfs").setLevel(logging.CRITICAL)
 
 class ObjectStoreError(RunError, OSError):
     """The object store refused or could not be reached; the message names the path, the cause and the fix.
-    `kind`: classify_error's word for the cause ('unreachable', 'permission', ...), None when not known."""
+    `store_kind`: classify_error's word for the cause ('unreachable', 'permission', ...), None when not known."""
 
     def __init__(self, message: str, kind: str | None = None):
         super().__init__(message)
-        self.kind = kind
+        self.store_kind = kind
 
 
 def is_remote(path) -> bool:
@@ -80,9 +80,9 @@ def object_store_errors(path):
         return
     try:
         yield
-    except ObjectStoreError:
-        raise
     except Exception as error:  # noqa: BLE001 - gcsfs, google-auth, aiohttp and TensorStore raise many kinds
+        if hasattr(error, "store_kind"):  # ObjectStoreError, CheckpointWriteError: described already
+            raise
         message = describe_error(error)
         if message is None:
             raise
@@ -92,8 +92,8 @@ def object_store_errors(path):
 def classify_error(error: BaseException) -> str | None:
     """'permission', 'credentials', 'missing', 'unreachable' or 'other' for an object-store failure; None when
     `error` did not come from an object-store client."""
-    if isinstance(error, ObjectStoreError):
-        return error.kind
+    if hasattr(error, "store_kind"):  # ObjectStoreError, CheckpointWriteError: already classified
+        return error.store_kind
     name = type(error).__name__
     module = type(error).__module__ or ""
     text = str(error)

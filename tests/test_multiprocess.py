@@ -278,11 +278,11 @@ def launcher_children(launcher: subprocess.Popen) -> dict:
 
 
 @pytest.mark.slow
-def test_kill_9_of_one_process_while_saving_ends_the_launch_and_a_relaunch_resumes(tmp_path, long_reference):
-    """kill -9 of process 0 only, mid-run, saving every step (so most likely mid-save), under launch/local.sh as
-    a pod runs it: the launcher ends the survivor itself within a bound and reports the failure; the relaunch
-    resumes from an intact step and ends in the uninterrupted state. The test's own processes are killed whatever
-    happens (their session), so a hang cannot outlive the test."""
+def test_kill_9_of_process_0_while_saving_ends_the_launch_and_the_survivor_leaves_by_itself(tmp_path):
+    """kill -9 of process 0 (JAX's coordinator) of 2, aimed at a save, under launch/local.sh as a pod runs it:
+    the survivor leaves by itself with its own line within a bound (before local.sh's SIGKILL 10 s after the
+    failure) and the launcher names the killed process. The relaunch after kills while saving and restoring is
+    the 4-process test below. The test's own processes are killed whatever happens (their session)."""
     workdir = tmp_path / "run"
     every_step = {**LONG, "checkpoint_every_steps": 1, "keep_checkpoints": 2}
     launcher = subprocess.Popen(["bash", os.path.join(REPO, "launch", "local.sh"), "2", "--devices-per-process", "4",
@@ -312,20 +312,6 @@ def test_kill_9_of_one_process_while_saving_ends_the_launch_and_a_relaunch_resum
     assert ("error: process 1/2 lost contact with the other processes" in err
             or "Terminating process because the JAX distributed service detected fatal errors" in err), err[-3000:]
     assert not any(os.path.exists(f"/proc/{pid}") for pid in children.values())
-    before = checkpoints_before_relaunch(workdir)
-    cut_short = [int(n.split(".")[0]) for n in os.listdir(workdir / "checkpoints") if ".orbax-checkpoint-tmp" in n]
-    done = local_sh(2, 4, workdir, **every_step)
-    assert done.returncode == 0, done.stderr[-3000:]
-    # from the newest step the kill left finished: the step whose save it cut short is never restored
-    resumed = resumed_from(done.stderr)
-    assert resumed is not None and resumed == expected_resume_step(before, workdir), (before, done.stderr[-3000:])
-    if cut_short:
-        assert resumed == max(cut_short) - 1, (cut_short, resumed)
-    print(f"kill -9 landed {'during the save of step %d' % max(cut_short) if cut_short else 'between saves'}; "
-          f"resumed from {resumed}")
-    assert sorted(losses(workdir)) == list(range(1, LONG_STEPS + 1))
-    assert_same_losses(losses(workdir), long_reference.losses, range(1, LONG_STEPS + 1))
-    assert_same_state(workdir, long_reference.workdir, rtol=RTOL, atol=ATOL, other_mesh=True)
 
 
 def test_hybrid_meshes_put_slices_on_the_outer_axes():

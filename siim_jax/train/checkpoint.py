@@ -44,8 +44,12 @@ class NonFiniteStateError(RunError, RuntimeError):
 
 
 class CheckpointWriteError(RuntimeError):
-    """Writing a checkpoint failed (full disk, file size limit, permissions); the step is left unfinished, which
-    restore never takes for intact."""
+    """Writing a checkpoint failed (full disk, file size limit, permissions, a store that stopped answering); the
+    step is left unfinished, which restore never takes for intact. `store_kind` as storage.classify_error."""
+
+    def __init__(self, message: str, store_kind: str | None = None):
+        super().__init__(message)
+        self.store_kind = store_kind
 
 
 HOW_TO_RUN_KEYS = ("remat",)  # config.model keys that change how the step runs, never the state: free on resume
@@ -109,10 +113,12 @@ class Checkpointer:
                     + ("the object store did not answer: check the network (and STORAGE_EMULATOR_HOST / "
                        "TENSORSTORE_GCS_HTTP_URL if you use an emulator)" if storage.is_remote(self.directory)
                        else "check the disk") + ", or raise the limit for very large states; unfinished steps are "
-                    "never restored, so rerunning the same command resumes from the newest finished one") from None
+                    "never restored, so rerunning the same command resumes from the newest finished one",
+                    "unreachable" if storage.is_remote(self.directory) else None) from None
             store = storage.describe_error(error) if storage.is_remote(self.directory) else None
             if store:  # it already says what to do and that the run resumes
-                raise CheckpointWriteError(f"writing a checkpoint into {self.directory} failed: {store}") from None
+                raise CheckpointWriteError(f"writing a checkpoint into {self.directory} failed: {store}",
+                                           storage.classify_error(error)) from None
             raise CheckpointWriteError(
                 f"writing a checkpoint into {self.directory} failed ({_first_line(error)}); check the free space, "
                 "file size limits and permissions there; unfinished steps are never restored, so rerunning the "

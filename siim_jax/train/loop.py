@@ -11,6 +11,7 @@ import collections
 import json
 import logging
 import math
+import sys
 import time
 
 import jax
@@ -102,13 +103,15 @@ class MetricsWriter:
     def records(self) -> list[dict]:
         return list(self.kept)
 
-    def close(self) -> None:
-        """Flushes and closes; never raises (it runs while another failure may be on its way out): a record or
-        event that cannot be written is one warning line, and TensorBoard's exit hook has nothing left to do.
-        An object store that did not answer the metrics is not asked again for the events (another 120 s of
-        google-cloud-storage retries on the way out)."""
+    def close(self, failure: BaseException | None = None) -> None:
+        """Flushes and closes; never raises (it runs while `failure` may be on its way out): a record or event
+        that cannot be written is one warning line, and TensorBoard's exit hook has nothing left to do. A store
+        that did not answer (`failure`, or the metrics write) is not asked again: the clients would retry it for
+        minutes on the way out."""
         if not self.enabled:
             return
+        if failure is not None and storage.classify_error(failure) == "unreachable":
+            return self._abandon()
         for what, action in (("metrics.jsonl", self.flush), ("the TensorBoard events", self.tb.close)):
             try:
                 action()
@@ -116,8 +119,16 @@ class MetricsWriter:
                 log.warning("could not write %s to %s: %s", what, storage.parent(self.path),
                             storage.describe_error(error) or error)
                 if storage.classify_error(error) == "unreachable":
-                    log.warning("the TensorBoard events since the last flush are not written")
-                    return
+                    return self._abandon()
+
+    def _abandon(self) -> None:
+        """Leaves the records since the last flush unwritten; tensorboardX's exit hook, which would retry the
+        store and print a traceback, finds its writer closed."""
+        log.warning("the store of %s does not answer: the records since its last flush are not written (the "
+                    "resumed run logs those steps again)", storage.parent(self.path))
+        writer = getattr(getattr(self.tb, "file_writer", None), "event_writer", None)
+        if writer is not None and hasattr(writer, "_closed"):
+            writer._closed = True  # tensorboardX's own flag: close() and flush() are then no-ops
 
 
 def device_prefetch(host_batches, mesh, rules, global_rows: int, size: int = 2):
@@ -337,7 +348,7 @@ def _train(method, workdir: str, stop_at_step: int | None, initial_weights, stop
             if not peer_lost:  # else a pending save cannot finish without the others: waiting for it would hang
                 checkpoints.close()
         finally:
-            metrics_writer.close()
+            metrics_writer.close(failure=sys.exc_info()[1])
 
     records = metrics_writer.records()
     knn = [r["knn_top1"] for r in records if "knn_top1" in r]

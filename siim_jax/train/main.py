@@ -71,12 +71,13 @@ def finish_training(run, summary_line=None) -> None:
     from siim_jax.train.checkpoint import CheckpointWriteError
     from siim_jax.train.loop import format_summary
 
+    from siim_jax import storage
     from siim_jax.parallel import distributed
 
     try:
         summary = run()
     except (ConfigError, RunError) as e:
-        fail(str(e), EXIT_FAILED)
+        fail(str(e), EXIT_FAILED, at_once=storage.classify_error(e) == "unreachable")
     except distributed.PeerLostError as e:
         distributed.leave_for_lost_peer(str(e), e.saved_step)
     except CheckpointWriteError as e:
