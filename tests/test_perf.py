@@ -190,22 +190,18 @@ def test_aot_unknown_topology_is_one_error_line():
 
 @needs_libtpu
 @pytest.mark.slow
-def test_aot_fits_a_step_refuses_one_too_large_and_full_remat_keeps_less_on_a_tpu():
-    """`aot` on v5e:2x2 (4 chips, the demo model at batch 256): the report adds up and the step fits; full remat
-    keeps less for the backward pass (measured on a TPU compile: XLA:CPU keeps every activation whatever the
-    policy); batch 262144 does not fit (exit 1). One compile per case (about 50 s each here)."""
-    temps = {}
-    for remat in ("none", "full"):
-        done = run_module("siim_jax.aot", *TINY_DEMO[:2], "--config.data.num_train=64", "--config.batch_size=256",
-                          f"--config.model.remat={remat}", "--topology", "v5e:2x2", "--json")
-        assert done.returncode == 0, done.stderr[-3000:]
-        result = json.loads(done.stdout.strip().splitlines()[-1])
-        temps[remat] = result["per_chip_bytes"]["temp"]
-        assert result["fits"] and result["chips"] == 4 and result["chip"] == "TPU v5e" and result["mesh"]["data"] == 4
-        m = result["per_chip_bytes"]
-        assert m["peak"] == m["argument"] + m["output"] + m["temp"] + m["code"] - m["alias"] > 0
-        assert result["collective_bytes"]["all-reduce"] > 0  # data parallel: gradients are reduced
-    assert temps["full"] < 0.8 * temps["none"], temps  # measured: 39.2 MB vs 58.0 MB
+def test_aot_fits_a_step_and_refuses_one_too_large():
+    """`aot` on v5e:2x2 (4 chips, the demo model at batch 256): the report adds up and the step fits; batch
+    262144 does not fit (exit 1). What each remat policy keeps is test_model's (from JAX's own residual listing:
+    one TPU compile per policy took ~50 s here)."""
+    done = run_module("siim_jax.aot", *TINY_DEMO[:2], "--config.data.num_train=64", "--config.batch_size=256",
+                      "--topology", "v5e:2x2", "--json")
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert result["fits"] and result["chips"] == 4 and result["chip"] == "TPU v5e" and result["mesh"]["data"] == 4
+    m = result["per_chip_bytes"]
+    assert m["peak"] == m["argument"] + m["output"] + m["temp"] + m["code"] - m["alias"] > 0
+    assert result["collective_bytes"]["all-reduce"] > 0  # data parallel: gradients are reduced
     too_large = run_module("siim_jax.aot", *TINY_DEMO[:2], "--config.data.num_train=64", "--config.batch_size=262144",
                            "--topology", "v5e:2x2")
     assert too_large.returncode == 1 and "DOES NOT FIT" in too_large.stdout, too_large.stderr[-2000:]
