@@ -86,11 +86,18 @@ describe() {  # how a process ended, from its exit status
 }
 status=0
 while [[ ${#alive[@]} -gt 0 ]]; do
+  # polled, not `wait -n`: a process found gone (bash has reaped it: kill -0 fails) gives its status to
+  # `wait PID`; nothing here can block on a process that already ended, and signals are forwarded within 0.2 s
   finished=""
+  for pid in "${!alive[@]}"; do
+    if ! kill -0 "$pid" 2> /dev/null; then finished="$pid"; break; fi
+  done
+  if [[ -z $finished ]]; then
+    sleep 0.2
+    continue
+  fi
   code=0
-  wait -n -p finished "${!alive[@]}" || code=$?
-  # wait was interrupted by a forwarded signal, not by a process ending (bash then unsets the -p variable)
-  [[ -z "${finished:-}" ]] && continue
+  wait "$finished" || code=$?
   unset "alive[$finished]"
   if [[ $code -ne 0 && $code -ne 75 && ( $status -eq 0 || $status -eq 75 ) ]]; then
     status=$code

@@ -383,7 +383,13 @@ def launch_and_kill(command, workdir, victim: int, moment, timeout: float = 300)
         children = launcher_children(launcher)
         os.kill(children[victim], signal.SIGKILL)
         killed = time.time()
-        launcher.wait(timeout=120)
+        try:
+            launcher.wait(timeout=120)
+        except subprocess.TimeoutExpired:
+            left = subprocess.run(["ps", "-o", "pid,stat,args", "--ppid", str(launcher.pid)], capture_output=True,
+                                  text=True).stdout
+            raise AssertionError(f"local.sh still running 120 s after the kill of process {victim}; its children:\n"
+                                 f"{left}\n{''.join(lines)[-4000:]}") from None
         took = time.time() - killed
         reader.join(timeout=30)
     finally:
