@@ -116,7 +116,7 @@ def classify_error(error: BaseException) -> str | None:
 
 def describe_error(error: BaseException) -> str | None:
     """One line for an object-store failure (with what to do), or None when `error` is not one."""
-    if isinstance(error, ObjectStoreError):
+    if hasattr(error, "store_kind"):  # ObjectStoreError, CheckpointWriteError: described already
         return str(error)
     kind = classify_error(error)
     text = " ".join(str(error).split())[:300]

@@ -106,16 +106,16 @@ class Checkpointer:
         except Exception as error:  # noqa: BLE001
             if lost_contact(error):  # a peer is gone, not the store: the trainer says so
                 raise
+            remote = storage.is_remote(self.directory)
             if isinstance(error, TimeoutError):  # Orbax's commit deadline (AsyncOptions.timeout_secs)
                 raise CheckpointWriteError(
                     f"writing a checkpoint into {self.directory} did not finish within "
                     f"config.checkpoint_timeout_seconds={self.timeout_seconds} s ({_first_line(error)}); "
                     + ("the object store did not answer: check the network (and STORAGE_EMULATOR_HOST / "
-                       "TENSORSTORE_GCS_HTTP_URL if you use an emulator)" if storage.is_remote(self.directory)
-                       else "check the disk") + ", or raise the limit for very large states; unfinished steps are "
-                    "never restored, so rerunning the same command resumes from the newest finished one",
-                    "unreachable" if storage.is_remote(self.directory) else None) from None
-            store = storage.describe_error(error) if storage.is_remote(self.directory) else None
+                       "TENSORSTORE_GCS_HTTP_URL if you use an emulator)" if remote else "check the disk")
+                    + ", or raise the limit for very large states; unfinished steps are never restored, so rerunning "
+                    "the same command resumes from the newest finished one", "unreachable" if remote else None) from None
+            store = storage.describe_error(error) if remote else None
             if store:  # it already says what to do and that the run resumes
                 raise CheckpointWriteError(f"writing a checkpoint into {self.directory} failed: {store}",
                                            storage.classify_error(error)) from None
@@ -268,7 +268,7 @@ class Checkpointer:
         try:
             self._finish()
         finally:
-            for manager in {id(m): m for m in (self.manager, self.reader)}.values():
+            for manager in (self.manager,) if self.reader is self.manager else (self.manager, self.reader):
                 try:
                     manager.close()
                 except Exception:  # noqa: BLE001 - already reported by _finish

@@ -80,10 +80,8 @@ def finish_training(run, summary_line=None) -> None:
         fail(str(e), EXIT_FAILED, at_once=storage.classify_error(e) == "unreachable")
     except distributed.PeerLostError as e:
         distributed.leave_for_lost_peer(str(e), e.saved_step)
-    except CheckpointWriteError as e:
-        prefix = f"[{distributed.process_label()}] " if distributed.several_processes() else ""
-        print("error: " + prefix + " ".join(str(e).split()), file=sys.stderr, flush=True)
-        os._exit(EXIT_FAILED)  # not sys.exit: Orbax's abandoned writer tasks would print tracebacks at shutdown
+    except CheckpointWriteError as e:  # at once: Orbax's abandoned writer tasks would print tracebacks at exit
+        fail(str(e), EXIT_FAILED, at_once=True)
     except OSError as e:  # unwritable workdir, full disk (also raised by a checkpoint save that failed)
         fail(f"cannot write to {e.filename or _WORKDIR.value}: {e.strerror or e}; check the permissions and "
              "free space of --workdir (the newest finished checkpoint in it is intact)", EXIT_FAILED)
