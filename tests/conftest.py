@@ -16,7 +16,8 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 _OWN_CACHE = "JAX_COMPILATION_CACHE_DIR" not in os.environ
 if _OWN_CACHE:
     os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="siim_jax_test_jax_cache_")
-os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.2")
+# every compiled program, however small (the eager ops, the checks): reading one back costs less than compiling it
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 # multi-process tests share 2 cores with up to a dozen processes: a heartbeat timeout of 60 s (peer watch 30 s)
 # instead of 30 keeps a starved but live process from being taken for dead; the peer-watch test sets its own
 os.environ.setdefault("SIIM_HEARTBEAT_TIMEOUT_SECONDS", "60")

@@ -42,6 +42,20 @@ class NonFiniteLossError(RunError, RuntimeError):
     pass
 
 
+def summary_writer_class():
+    """tensorboardX.SummaryWriter, imported without PyTorch: tensorboardX imports torch when it is installed
+    (~1.5 s), only to accept torch tensors, which this writer never passes."""
+    if "torch" in sys.modules:
+        from tensorboardX import SummaryWriter
+        return SummaryWriter
+    sys.modules["torch"] = None  # `import torch` raises ImportError meanwhile: tensorboardX goes on without it
+    try:
+        from tensorboardX import SummaryWriter
+    finally:
+        del sys.modules["torch"]
+    return SummaryWriter
+
+
 class MetricsWriter:
     """metrics.jsonl (one JSON object per record) and TensorBoard scalars in the workdir, written by process 0;
     every process keeps the records in memory.
@@ -73,8 +87,7 @@ class MetricsWriter:
                     self.kept.append(record)
         if self.enabled:
             self._rewrite()
-            from tensorboardX import SummaryWriter
-            self.tb = SummaryWriter(storage.join(workdir, "tensorboard"))
+            self.tb = summary_writer_class()(storage.join(workdir, "tensorboard"))
 
     def _rewrite(self) -> None:
         storage.write_text(self.path, "".join(json.dumps(r) + "\n" for r in self.kept))
