@@ -1,5 +1,5 @@
-"""Test setup: 8 fake CPU devices (set before JAX starts), one JAX compilation cache for the whole test run, and
-a shared tiny config."""
+"""Test setup: 8 fake CPU devices (set before JAX starts), one JAX compilation cache for the whole test run (written
+by every process a test starts: subprocess_site/), and a shared tiny config."""
 
 import os
 import shutil
@@ -18,6 +18,11 @@ if _OWN_CACHE:
     os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="siim_jax_test_jax_cache_")
 # every compiled program, however small (the eager ops, the checks): reading one back costs less than compiling it
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+# every process a test starts loads subprocess_site/sitecustomize.py: processes 1..N-1 of a multi-process run also
+# write their compilation cache entries (JAX writes from process 0 only), so relaunches do not compile again
+_SITE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "subprocess_site")
+if _SITE not in os.environ.get("PYTHONPATH", "").split(os.pathsep):
+    os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (_SITE, os.environ.get("PYTHONPATH")) if p)
 # multi-process tests share 2 cores with up to a dozen processes: a heartbeat timeout of 60 s (peer watch 30 s)
 # instead of 30 keeps a starved but live process from being taken for dead; the peer-watch test sets its own
 os.environ.setdefault("SIIM_HEARTBEAT_TIMEOUT_SECONDS", "60")
