@@ -75,7 +75,7 @@ for ((i = 0; i < processes; i++)); do
   pids+=("$!")
 done
 
-declare -A alive=() index=()
+declare -A alive=() index=() code=()
 for i in "${!pids[@]}"; do alive[${pids[$i]}]=1; index[${pids[$i]}]=$i; done
 describe() {  # how a process ended, from its exit status
   if [[ $1 -gt 128 ]]; then
@@ -88,23 +88,34 @@ status=0
 while [[ ${#alive[@]} -gt 0 ]]; do
   # polled, not `wait -n`: a process found gone (bash has reaped it: kill -0 fails) gives its status to
   # `wait PID`; nothing here can block on a process that already ended, and signals are forwarded within 0.2 s
-  finished=""
-  for pid in "${!alive[@]}"; do
-    if ! kill -0 "$pid" 2> /dev/null; then finished="$pid"; break; fi
+  gone=()
+  for pid in "${pids[@]}"; do  # in process order
+    if [[ -n ${alive[$pid]:-} ]] && ! kill -0 "$pid" 2> /dev/null; then gone+=("$pid"); fi
   done
-  if [[ -z $finished ]]; then
+  if [[ ${#gone[@]} -eq 0 ]]; then
     sleep 0.2
     continue
   fi
-  code=0
-  wait "$finished" || code=$?
-  unset "alive[$finished]"
-  if [[ $code -ne 0 && $code -ne 75 && ( $status -eq 0 || $status -eq 75 ) ]]; then
-    status=$code
-    echo "launch/local.sh: error: process ${index[$finished]}/$processes (pid $finished) $(describe "$code"); stopping the others (SIGKILL in 10 s)" >&2
-    (sleep 10; forward KILL) &  # they may be exiting on the same error; a hung collective would never end
-  elif [[ $code -eq 75 && $status -eq 0 ]]; then
-    status=75
-  fi
+  code=()
+  for pid in "${gone[@]}"; do
+    code[$pid]=0
+    wait "$pid" || code[$pid]=$?
+    unset "alive[$pid]"
+  done
+  # several gone in one poll: when one process dies, JAX aborts the others within milliseconds (SIGABRT, status
+  # 134, when the coordinator is lost), so an abort counts as the first failure only when nothing else failed
+  for pass in other abort; do
+    for pid in "${gone[@]}"; do
+      c=${code[$pid]}
+      if [[ $c -eq 134 ]]; then [[ $pass == abort ]] || continue; else [[ $pass == other ]] || continue; fi
+      if [[ $c -ne 0 && $c -ne 75 && ( $status -eq 0 || $status -eq 75 ) ]]; then
+        status=$c
+        echo "launch/local.sh: error: process ${index[$pid]}/$processes (pid $pid) $(describe "$c"); stopping the others (SIGKILL in 10 s)" >&2
+        (sleep 10; forward KILL) &  # they may be exiting on the same error; a hung collective would never end
+      elif [[ $c -eq 75 && $status -eq 0 ]]; then
+        status=75
+      fi
+    done
+  done
 done
 exit "$status"

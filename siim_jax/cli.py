@@ -27,7 +27,7 @@ def fail(message: str, status: int, usage: str | None = None, at_once: bool = Fa
     distributed = sys.modules.get("siim_jax.parallel.distributed")  # imported (with JAX) only by the commands
     several = distributed is not None and distributed.several_processes()
     prefix = f"[{distributed.process_label()}] " if several else ""
-    print("error: " + prefix + " ".join(str(message).split()), file=sys.stderr, flush=True)
+    print("error: " + prefix + " ".join(str(message).split()) + "\n", end="", file=sys.stderr, flush=True)  # one write
     if usage:
         print(usage, file=sys.stderr, flush=True)
     if distributed is not None and (several or at_once):

@@ -90,7 +90,9 @@ def finish_training(run, summary_line=None) -> None:
             raise
         traceback.print_exc()
         fail(f"failed with {type(e).__name__} (traceback above)", EXIT_FAILED)
-    print((summary_line or format_summary)(summary), flush=True)
+    # one write, newline included: the processes of a run share one stdout, and with PYTHONUNBUFFERED print's
+    # two writes (text, then newline) of two processes can interleave into one line
+    print((summary_line or format_summary)(summary) + "\n", end="", flush=True)
     if summary["interrupted"]:
         sys.exit(EXIT_STOPPED)  # stopped on request after saving: resumable
 
