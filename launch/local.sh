@@ -105,18 +105,18 @@ while [[ ${#alive[@]} -gt 0 ]]; do
   done
   # several gone in one poll: when one process dies, JAX aborts the others within milliseconds (SIGABRT, status
   # 134, when the coordinator is lost), so an abort counts as the first failure only when nothing else failed
-  for pass in other abort; do
-    for pid in "${gone[@]}"; do
-      c=${code[$pid]}
-      if [[ $c -eq 134 ]]; then [[ $pass == abort ]] || continue; else [[ $pass == other ]] || continue; fi
-      if [[ $c -ne 0 && $c -ne 75 && ( $status -eq 0 || $status -eq 75 ) ]]; then
-        status=$c
-        echo "launch/local.sh: error: process ${index[$pid]}/$processes (pid $pid) $(describe "$c"); stopping the others (SIGKILL in 10 s)" >&2
-        (sleep 10; forward KILL) &  # they may be exiting on the same error; a hung collective would never end
-      elif [[ $c -eq 75 && $status -eq 0 ]]; then
-        status=75
-      fi
-    done
+  ordered=()
+  for pid in "${gone[@]}"; do if [[ ${code[$pid]} -ne 134 ]]; then ordered+=("$pid"); fi; done
+  for pid in "${gone[@]}"; do if [[ ${code[$pid]} -eq 134 ]]; then ordered+=("$pid"); fi; done
+  for pid in "${ordered[@]}"; do
+    c=${code[$pid]}
+    if [[ $c -ne 0 && $c -ne 75 && ( $status -eq 0 || $status -eq 75 ) ]]; then
+      status=$c
+      echo "launch/local.sh: error: process ${index[$pid]}/$processes (pid $pid) $(describe "$c"); stopping the others (SIGKILL in 10 s)" >&2
+      (sleep 10; forward KILL) &  # they may be exiting on the same error; a hung collective would never end
+    elif [[ $c -eq 75 && $status -eq 0 ]]; then
+      status=75
+    fi
   done
 done
 exit "$status"

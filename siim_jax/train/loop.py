@@ -45,14 +45,14 @@ class NonFiniteLossError(RunError, RuntimeError):
 def summary_writer_class():
     """tensorboardX.SummaryWriter, imported without PyTorch: tensorboardX imports torch when it is installed
     (~1.5 s), only to accept torch tensors, which this writer never passes."""
-    if "torch" in sys.modules:
-        from tensorboardX import SummaryWriter
-        return SummaryWriter
-    sys.modules["torch"] = None  # `import torch` raises ImportError meanwhile: tensorboardX goes on without it
+    hide = "torch" not in sys.modules
+    if hide:
+        sys.modules["torch"] = None  # `import torch` raises ImportError meanwhile: tensorboardX goes on without it
     try:
         from tensorboardX import SummaryWriter
     finally:
-        del sys.modules["torch"]
+        if hide:
+            del sys.modules["torch"]
     return SummaryWriter
 
 
